@@ -1,0 +1,177 @@
+"""Where the residual stream lives in each architecture: the decoder blocks and the projections that write into it.
+
+Layer *i* is the output of decoder block *i*. Known architectures are looked up by ``config.model_type``;
+anything else goes through a generic search (a ``ModuleList`` as long as the model is deep), and a model
+the search cannot read gets an error that says how to pass the blocks explicitly (``blocks="path.to.list"``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Dotted paths for one architecture: the block list (from the model), and the residual writers (from a block).
+
+    ``norm_after_writers`` is true where a norm sits between a writer and the residual add (Gemma 2 and 3),
+    so a bias on the writer is not a constant added to the residual stream.
+    """
+
+    blocks: str
+    attn_out: str
+    mlp_out: str
+    norm_after_writers: bool = False
+
+
+_LLAMA_LIKE = ArchSpec("model.layers", "self_attn.o_proj", "mlp.down_proj")
+_GEMMA_SANDWICH = ArchSpec("model.layers", "self_attn.o_proj", "mlp.down_proj", norm_after_writers=True)
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma2": _GEMMA_SANDWICH,
+    "gemma3_text": _GEMMA_SANDWICH,
+    "gemma3": ArchSpec("model.language_model.layers", "self_attn.o_proj", "mlp.down_proj", True),
+    "gpt2": ArchSpec("transformer.h", "attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
+}
+
+# Names under which residual writers appear in architectures outside the table, tried in order.
+_ATTN_OUT_NAMES = ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj", "attn.out_proj")
+_MLP_OUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.w2", "feed_forward.w2")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(get_blocks(model))
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream (d_model)."""
+    config = unwrap(model).config
+    config = getattr(config, "text_config", None) or config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot read the hidden size from config of type {type(config).__name__}")
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _config_depth(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def get_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList:
+    """The decoder blocks of ``model`` in order; ``blocks`` overrides the lookup with a dotted path."""
+    model = unwrap(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    tried = []
+    paths = [blocks] if blocks else []
+    if not blocks and model_type in ARCHS:
+        paths.append(ARCHS[model_type].blocks)
+    for path in paths:
+        found = _resolve(model, path)
+        tried.append(path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    if blocks:
+        raise ValueError(f"blocks={blocks!r} is not a non-empty nn.ModuleList on {type(model).__name__}")
+    # Generic search: the ModuleList whose length equals the configured depth.
+    depth = _config_depth(model)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (depth is None or len(mod) == depth)
+    ]
+    if len(candidates) == 1 or (candidates and depth is not None):
+        return candidates[0][1]
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__} (model_type={model_type!r}); tried "
+        f"{tried or 'no known path'} and a search for an nn.ModuleList of length {depth}. "
+        "Pass the blocks explicitly, e.g. blocks='model.layers'."
+    )
+
+
+def spec_for(model: nn.Module) -> ArchSpec | None:
+    """The table entry for this model's architecture, if it has one."""
+    return ARCHS.get(getattr(getattr(unwrap(model), "config", None), "model_type", None))
+
+
+def residual_writers(model: nn.Module, layer: int, blocks: str | None = None) -> dict[str, nn.Module]:
+    """The projections of block ``layer`` that write into the residual stream: ``{"attn": ..., "mlp": ...}``."""
+    block = get_blocks(model, blocks)[check_layer(model, layer, blocks)]
+    spec = spec_for(model)
+    writers = {}
+    for key, known, names in (
+        ("attn", spec and spec.attn_out, _ATTN_OUT_NAMES),
+        ("mlp", spec and spec.mlp_out, _MLP_OUT_NAMES),
+    ):
+        for path in ([known] if known else []) + list(names):
+            mod = _resolve(block, path)
+            if isinstance(mod, nn.Module):
+                writers[key] = mod
+                break
+        else:
+            raise ValueError(
+                f"cannot find the {key} output projection in block {layer} ({type(block).__name__}); "
+                f"tried {list(names)}"
+            )
+    return writers
+
+
+def validate_layer(layer, n_layers: int) -> int:
+    """``layer`` as a block index in ``0..n_layers-1``, or a ValueError naming the valid range."""
+    try:
+        index = operator.index(layer)
+    except TypeError:
+        index = None
+    if isinstance(layer, bool) or index is None or not 0 <= index < n_layers:
+        raise ValueError(f"layer {layer!r} is out of range: this model has blocks 0..{n_layers - 1}")
+    return index
+
+
+def check_layer(model: nn.Module, layer: int, blocks: str | None = None) -> int:
+    """``layer`` as a valid block index of ``model``, or a ValueError naming the valid range."""
+    return validate_layer(layer, len(get_blocks(model, blocks)))
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """Layers from a command-line spec: ``"all"``, ``"12"``, ``"4,8,12"``, ``"4-25"`` (inclusive) or a mix."""
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+        except ValueError:
+            raise ValueError(f"cannot read layers {spec!r}: expected 'all', '12', '4,8,12' or '4-25'") from None
+        layers.extend(validate_layer(layer, n_layers) for layer in span)
+    return layers

