@@ -2,18 +2,31 @@
 
 from steerkit.arch import get_blocks, hidden_size, num_layers, residual_writers
 from steerkit.capture import Recorder, capture
+from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
+from steerkit.extract import METHODS, extract
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
+from steerkit.steer import generate, steer
+from steerkit.vector import SteeringVector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED",
+    "METHODS",
+    "Pair",
     "Recorder",
+    "SteeringVector",
+    "bundled_sets",
     "capture",
     "embedded_checkpoint",
+    "extract",
+    "generate",
     "get_blocks",
     "hidden_size",
     "load_model",
+    "load_pairs",
     "num_layers",
+    "persona_pairs",
     "residual_writers",
+    "steer",
 ]

@@ -98,10 +98,134 @@ def capture(
     typer.echo(f"wrote {output}: activations {shape}, layers {layers}, position {pos}")
 
 
-def main() -> None:
+def _parse_alpha(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"alpha {value!r} is not a number") from None
+
+
+@app.command()
+def extract(
+    pairs: Annotated[
+        str,
+        typer.Option(
+            "--pairs",
+            "-p",
+            help="Bundled set (sentiment, concise, reasoning, truthful) or a .jsonl of {positive, negative}.",
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Vector file to write (.safetensors).")],
+    model: ModelArg = "smollm2-135m-instruct",
+    layers: Annotated[str, typer.Option(help="'all', '12', '4,8,12' or '4-25' (inclusive).")] = "all",
+    method: Annotated[
+        str, typer.Option(help="mean_diff (default), pca_diff, pca_center, probe or mean_positive.")
+    ] = "mean_diff",
+    position: Annotated[str, typer.Option(help="Token read from each text: 'last', 'mean' or an index.")] = "last",
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
+) -> None:
+    """Extract a steering vector (one direction per layer) from contrastive pairs and save it.
+
+    Prints the held-out separation (AUROC of the projection on the test split) and norm per layer; the best
+    layers are where steering is most likely to work. Use the file with `steerkit generate` or `export-gguf`.
+    """
+    import steerkit as sk
+    from steerkit.arch import parse_layers
+
+    mdl, tok = sk.load_model(model)
+    items = sk.load_pairs(pairs)
+    layer_list = parse_layers(layers, sk.num_layers(mdl))
+    pos = int(position) if position.lstrip("-").isdigit() else position
+    vec = sk.extract(mdl, tok, items, layer_list, method=method, position=pos, batch_size=batch_size, progress=True)
+    vec.save(output)
+    typer.echo(f"{'layer':>5} {'AUROC':>6} {'norm':>8}")
+    for layer in vec.layers:
+        auc = vec.separation.get(layer)
+        typer.echo(f"{layer:>5} {auc if auc is None else f'{auc:.3f}':>6} {vec[layer].norm():>8.2f}")
+    if vec.separation:
+        typer.echo(f"best layers: {vec.best_layers(3)}")
+    typer.echo(f"wrote {output} ({method}, {len(items)} pairs, layers {layers})")
+
+
+@app.command()
+def generate(
+    vector: Annotated[
+        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
+    ],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")],
+    model: ModelArg = "smollm2-135m-instruct",
+    alpha: Annotated[
+        str, typer.Option(help="Steering strength α (h += α·v); negative values steer the other way.")
+    ] = "1.0",
+    layers: Annotated[
+        str | None, typer.Option(help="Steer only these of the vector's layers, e.g. '10' or '8-12'.")
+    ] = None,
+    positions: Annotated[str, typer.Option(help="'all', 'prompt', 'generated' or a start index.")] = "all",
+    mode: Annotated[str, typer.Option(help="add, project_out or clamp.")] = "add",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
+) -> None:
+    """Generate greedily with and without steering and print the completions side by side."""
+    import steerkit as sk
+    from steerkit.arch import parse_layers
+
+    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    mdl, tok = sk.load_model(model)
+    layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
+    pos = int(positions) if positions.isdigit() else positions
+    a = _parse_alpha(alpha)
+    rows = sk.generate(
+        mdl,
+        tok,
+        prompt,
+        vector=vec,
+        alpha=a,
+        max_new_tokens=max_new_tokens,
+        layers=layer_list,
+        positions=pos,
+        mode=mode,
+        chat=chat,
+    )
+    for row in rows:
+        typer.secho(f"\n>>> {row['prompt']}", bold=True)
+        typer.echo(f"  unsteered: {row['unsteered'].strip()}")
+        typer.echo(f"  steered (alpha={a:g}): {row['steered'].strip()}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    vector: Annotated[Path, typer.Argument(help="A steerkit vector (.safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="llama.cpp control-vector file to write (.gguf).")],
+    model_hint: Annotated[str | None, typer.Option(help="controlvector.model_hint (default: the model type).")] = None,
+    skip_layer0: Annotated[
+        bool, typer.Option(help="Drop layer 0, which llama.cpp cannot steer, instead of failing.")
+    ] = False,
+) -> None:
+    """Write a vector as a llama.cpp control vector (direction.{i}, float32), e.g. for llama-cli --control-vector."""
+    import steerkit as sk
+
+    vec = sk.SteeringVector.load(vector)
+    vec.to_gguf(output, model_hint=model_hint, skip_layer0=skip_layer0)
+    typer.echo(f"wrote {output}: layers {[layer for layer in vec.layers if layer or not skip_layer0]}")
+
+
+@app.command("import-gguf")
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="A llama.cpp or repeng control-vector .gguf.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="steerkit vector file to write (.safetensors).")],
+) -> None:
+    """Read a llama.cpp / repeng control-vector GGUF and save it as a steerkit vector."""
+    import steerkit as sk
+
+    vec = sk.SteeringVector.from_gguf(gguf_file)
+    vec.save(output)
+    typer.echo(f"wrote {output}: layers {vec.layers}, d_model {vec.d_model}")
+
+
+def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one clear line and exit code 2, not a traceback."""
     try:
-        app()
+        app(args=argv, prog_name="steerkit")
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise SystemExit(2) from None

@@ -147,6 +147,8 @@ def load_model(
     if device is not None and device != "auto":
         model = model.to(device)
     model.eval()
+    if key in EMBEDDED:
+        model.config._name_or_path = key  # the fingerprint names the model, not the cache path
     tok = AutoTokenizer.from_pretrained(source)
     ensure_pad_token(tok)
     return model, tok
@@ -182,16 +184,3 @@ def model_info() -> list[dict]:
             }
         )
     return rows
-
-
-def fingerprint(model: PreTrainedModel) -> dict:
-    """What identifies a model's residual stream: type, width, depth, name."""
-    from steerkit.arch import hidden_size, num_layers, unwrap
-
-    config = unwrap(model).config
-    return {
-        "model_type": getattr(config, "model_type", None),
-        "hidden_size": hidden_size(model),
-        "num_hidden_layers": num_layers(model),
-        "name": getattr(config, "_name_or_path", None) or None,
-    }

@@ -42,3 +42,25 @@ def hf_model(model: nn.Module) -> nn.Module | None:
     if which == "tlens":
         return getattr(model, "original_model", None)
     return model
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """What identifies a model's residual stream: ``model_type``, ``hidden_size``, ``num_hidden_layers``, ``name``."""
+    inner = hf_model(model)
+    if inner is None:  # a HookedTransformer: no transformers model inside
+        cfg = model.cfg
+        return {
+            "model_type": cfg.original_architecture,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "name": cfg.model_name,
+        }
+    from steerkit import arch
+
+    config = arch.unwrap(inner).config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": arch.hidden_size(inner),
+        "num_hidden_layers": arch.num_layers(inner),
+        "name": getattr(config, "_name_or_path", None) or None,
+    }

@@ -1,4 +1,4 @@
-"""TransformerLens models (HookedTransformer, TransformerBridge): block *i*'s output is ``blocks.{i}.hook_resid_post``."""
+"""TransformerLens models (HookedTransformer, TransformerBridge): block *i* is ``blocks.{i}.hook_resid_post``."""
 
 from __future__ import annotations
 

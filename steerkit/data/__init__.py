@@ -1,0 +1,117 @@
+"""Contrastive pairs: bundled sets (jsonl beside this file), user files, and a persona-template builder.
+
+A pair set is a ``.jsonl`` file of ``{"positive": ..., "negative": ...}`` lines, optionally with
+``"split": "train" | "test"``; the bundled sets hold out every fifth pair as ``test``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two texts that differ in the behaviour of interest: ``positive`` shows it, ``negative`` its opposite."""
+
+    positive: str
+    negative: str
+    split: str = "train"
+
+    def __post_init__(self):
+        for side in ("positive", "negative"):
+            if not isinstance(getattr(self, side), str) or not getattr(self, side):
+                raise ValueError(f"Pair.{side} must be a non-empty string, got {getattr(self, side)!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"Pair.split is {self.split!r}: expected one of {SPLITS}")
+
+
+def bundled_sets() -> list[str]:
+    """Names of the pair sets that ship with steerkit."""
+    return sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
+
+
+def load_pairs(name_or_path: str | Path, split: str | None = None) -> list[Pair]:
+    """Pairs of a bundled set (``"sentiment"``, ...) or of a ``.jsonl`` file; ``split`` keeps one split."""
+    path = Path(name_or_path)
+    if not path.suffix and str(name_or_path) in bundled_sets():
+        path = DATA_DIR / f"{name_or_path}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no pair set {str(name_or_path)!r}: bundled sets are {bundled_sets()}, or pass a .jsonl path"
+        )
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS} or None")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pair = Pair(row["positive"], row["negative"], row.get("split", "train"))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with string 'positive' and 'negative' fields ({err})"
+            ) from None
+        pairs.append(pair)
+    check_pairs(pairs)
+    return [p for p in pairs if split is None or p.split == split]
+
+
+def check_pairs(pairs: Sequence[Pair]) -> None:
+    """Refuse an empty list, or pairs whose two sides are identical (nothing to contrast)."""
+    if not pairs:
+        raise ValueError("the pair list is empty: extraction needs at least one positive/negative pair")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, Pair):
+            raise TypeError(f"pairs[{i}] is {type(pair).__name__}: expected steerkit.Pair")
+    if all(p.positive == p.negative for p in pairs):
+        raise ValueError("every pair has identical positive and negative texts: there is nothing to contrast")
+
+
+def pairs_hash(pairs: Iterable[Pair]) -> str:
+    """A short content hash of a pair list, recorded in vector metadata."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([pair.positive, pair.negative]).encode())
+    return digest.hexdigest()[:16]
+
+
+def persona_pairs(
+    tok,
+    positive_personas: Sequence[str],
+    negative_personas: Sequence[str],
+    suffixes: Sequence[str],
+    template: str = "Act as if you are {persona}.",
+    holdout_every: int = 5,
+) -> list[Pair]:
+    """Persona templates × suffixes through the tokenizer's chat template (as repeng builds its datasets).
+
+    Each (persona pair, suffix) becomes a user turn ``template.format(persona=...)`` followed by the
+    assistant's reply starting with ``suffix``; every ``holdout_every``-th pair is held out as ``test``.
+    """
+    if len(positive_personas) != len(negative_personas) or not positive_personas:
+        raise ValueError("positive_personas and negative_personas must be non-empty and of equal length")
+    if not suffixes:
+        raise ValueError("suffixes is empty")
+
+    def render(persona: str, suffix: str) -> str:
+        messages = [{"role": "user", "content": template.format(persona=persona)}]
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = messages[0]["content"] + "\n"
+        return prompt + suffix
+
+    pairs = []
+    for suffix in suffixes:
+        for pos, neg in zip(positive_personas, negative_personas, strict=True):
+            split = "test" if holdout_every and len(pairs) % holdout_every == holdout_every - 1 else "train"
+            pairs.append(Pair(render(pos, suffix), render(neg, suffix), split))
+    return pairs

@@ -1,0 +1,50 @@
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from steerkit import cli
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(cli.app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("models", "capture"):
+        assert command in result.output
+
+
+def test_models_lists_embedded():
+    result = runner.invoke(cli.app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert "smollm2-135m-instruct" in result.output and "installed: yes" in result.output
+
+
+def test_capture_writes_safetensors(tmp_path, embedded_dir):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "I love this."}\n\n{"text": "I hate this."}\n')
+    out = tmp_path / "acts.safetensors"
+    result = runner.invoke(cli.app, ["capture", "-t", str(texts), "-o", str(out), "--layers", "3,5-6"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("activations").shape == (2, 3, 576)
+        assert f.metadata()["layers"] == "[3, 5, 6]"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_bad_layer_is_one_clear_line(tmp_path, capsys, embedded_dir):
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\n")
+    out = tmp_path / "acts.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["capture", "-t", str(texts), "-o", str(out), "--layers", "40"])
+    assert exit_info.value.code == 2
+    assert "layer 40 is out of range: this model has blocks 0..29" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('{"text": "ok"}\n{"txt": "bad"}\n')
+    result = runner.invoke(cli.app, ["capture", "-t", str(texts), "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and "t.jsonl:2" in result.output
