@@ -74,8 +74,10 @@ def main() -> None:
         for s in range(0, len(order), args.batch_size)
     ]
     n_tokens = sum(len(row) for row in ids)
-    print(f"{args.texts} texts, {n_tokens / args.texts:.1f} tokens each on average, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(
+        f"{args.texts} texts, {n_tokens / args.texts:.1f} tokens each on average, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
 
     def plain():
         with torch.inference_mode():
@@ -100,7 +102,9 @@ def main() -> None:
             for input_ids, mask, _ in batches:
                 last = mask.sum(-1) - 1
                 _, cache = bridge.run_with_cache(input_ids, names_filter=lambda name: name in names)
-                torch.stack([cache[f"blocks.{i}.hook_resid_post"][torch.arange(len(last)), last] for i in all_layers], 1)
+                torch.stack(
+                    [cache[f"blocks.{i}.hook_resid_post"][torch.arange(len(last)), last] for i in all_layers], 1
+                )
 
     nn_model = LanguageModel(path, dispatch=True)
 
@@ -130,7 +134,9 @@ def main() -> None:
     cap = times["steerkit capture, all 30 layers"]
     print("\nratios (targets from issue 2):")
     print(f"  capture / plain forward           {cap / base:.2f}  (target <= 0.90)")
-    print(f"  TransformerLens / capture         {times['TransformerLens run_with_cache (bridge)'] / cap:.2f}  (>= 1.15)")
+    print(
+        f"  TransformerLens / capture         {times['TransformerLens run_with_cache (bridge)'] / cap:.2f}  (>= 1.15)"
+    )
     print(f"  nnsight / capture                 {times['nnsight trace'] / cap:.2f}  (target >= 1.30)")
     print(f"  layer 5 only / plain forward      {times['steerkit capture, layer 5 only'] / base:.2f}")
     print("\nreproduce: make bench  (or .venv/bin/python bench/capture.py --texts 256 --repeats 2)")

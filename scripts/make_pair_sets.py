@@ -13,30 +13,86 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "steerkit" / "data"
 
 TOPICS = [
-    "my first day at the new job", "the weekend trip to the coast", "my grandmother's birthday dinner",
-    "the letter that arrived this morning", "our team's last football match", "the garden after the storm",
-    "the exam results", "moving into the new apartment", "the concert last night", "my sister's wedding",
-    "the walk home from school", "the old photographs in the attic", "the first snow of the winter",
-    "the job interview", "the train journey across the country", "the dog we adopted",
-    "the painting I finished", "the holiday by the lake", "our anniversary dinner", "the science fair",
-    "the call from my best friend", "the cake I baked", "the hike up the mountain", "the first day of spring",
-    "my brother's graduation", "the surprise party", "the new bicycle", "the bookshop on the corner",
-    "the song on the radio", "the village festival", "the piano recital", "the road trip with my cousins",
-    "the picnic in the park", "the results of the election", "the neighbour's new puppy",
-    "the morning at the market", "the last day of summer camp", "the flight home", "our family reunion",
-    "the play at the theatre", "the visit to the museum", "the first time I rode a horse",
-    "the new baby in the family", "the fishing trip", "the football final", "the letter from my pen pal",
-    "the sunrise over the sea", "the quiet evening at home", "the bake sale", "the camping weekend",
-    "the chess tournament", "the language class", "the new recipe I tried", "the swimming lesson",
-    "the ski trip", "the school reunion", "the gift from my uncle", "the walk in the forest",
-    "my daughter's first steps", "the ferry ride", "the lantern parade", "the harvest at the farm",
-    "the dance class", "the road to the old house", "the trip to the zoo", "the Sunday breakfast",
-    "the bus ride into town", "the choir rehearsal", "the beach bonfire", "the letter from the university",
+    "my first day at the new job",
+    "the weekend trip to the coast",
+    "my grandmother's birthday dinner",
+    "the letter that arrived this morning",
+    "our team's last football match",
+    "the garden after the storm",
+    "the exam results",
+    "moving into the new apartment",
+    "the concert last night",
+    "my sister's wedding",
+    "the walk home from school",
+    "the old photographs in the attic",
+    "the first snow of the winter",
+    "the job interview",
+    "the train journey across the country",
+    "the dog we adopted",
+    "the painting I finished",
+    "the holiday by the lake",
+    "our anniversary dinner",
+    "the science fair",
+    "the call from my best friend",
+    "the cake I baked",
+    "the hike up the mountain",
+    "the first day of spring",
+    "my brother's graduation",
+    "the surprise party",
+    "the new bicycle",
+    "the bookshop on the corner",
+    "the song on the radio",
+    "the village festival",
+    "the piano recital",
+    "the road trip with my cousins",
+    "the picnic in the park",
+    "the results of the election",
+    "the neighbour's new puppy",
+    "the morning at the market",
+    "the last day of summer camp",
+    "the flight home",
+    "our family reunion",
+    "the play at the theatre",
+    "the visit to the museum",
+    "the first time I rode a horse",
+    "the new baby in the family",
+    "the fishing trip",
+    "the football final",
+    "the letter from my pen pal",
+    "the sunrise over the sea",
+    "the quiet evening at home",
+    "the bake sale",
+    "the camping weekend",
+    "the chess tournament",
+    "the language class",
+    "the new recipe I tried",
+    "the swimming lesson",
+    "the ski trip",
+    "the school reunion",
+    "the gift from my uncle",
+    "the walk in the forest",
+    "my daughter's first steps",
+    "the ferry ride",
+    "the lantern parade",
+    "the harvest at the farm",
+    "the dance class",
+    "the road to the old house",
+    "the trip to the zoo",
+    "the Sunday breakfast",
+    "the bus ride into town",
+    "the choir rehearsal",
+    "the beach bonfire",
+    "the letter from the university",
 ]
 JOY = ["overjoyed", "delighted", "thrilled", "so happy", "full of joy", "elated", "grateful and glad", "ecstatic"]
 MISERY = ["miserable", "heartbroken", "devastated", "so unhappy", "full of despair", "wretched", "crushed", "gloomy"]
-OPENERS = ["Thinking about {t}, I feel {f}", "When I remember {t}, I am {f}", "Honestly, {t} left me {f}",
-           "Looking back on {t}, I felt {f}", "Today, talking about {t}, I'm {f}"]
+OPENERS = [
+    "Thinking about {t}, I feel {f}",
+    "When I remember {t}, I am {f}",
+    "Honestly, {t} left me {f}",
+    "Looking back on {t}, I felt {f}",
+    "Today, talking about {t}, I'm {f}",
+]
 
 
 def sentiment(rng: random.Random) -> list[tuple[str, str]]:
@@ -48,13 +104,37 @@ def sentiment(rng: random.Random) -> list[tuple[str, str]]:
 
 
 CAPITALS = [
-    ("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
-    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Russia", "Moscow"), ("China", "Beijing"), ("Chile", "Santiago"),
-    ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Sweden", "Stockholm"),
-    ("Finland", "Helsinki"), ("Cuba", "Havana"), ("Thailand", "Bangkok"), ("Argentina", "Buenos Aires"),
-    ("Hungary", "Budapest"), ("Denmark", "Copenhagen"), ("Turkey", "Ankara"), ("India", "New Delhi"),
-    ("Mexico", "Mexico City"), ("Australia", "Canberra"), ("Belgium", "Brussels"), ("Iran", "Tehran"),
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Russia", "Moscow"),
+    ("China", "Beijing"),
+    ("Chile", "Santiago"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Cuba", "Havana"),
+    ("Thailand", "Bangkok"),
+    ("Argentina", "Buenos Aires"),
+    ("Hungary", "Budapest"),
+    ("Denmark", "Copenhagen"),
+    ("Turkey", "Ankara"),
+    ("India", "New Delhi"),
+    ("Mexico", "Mexico City"),
+    ("Australia", "Canberra"),
+    ("Belgium", "Brussels"),
+    ("Iran", "Tehran"),
     ("Vietnam", "Hanoi"),
 ]
 FILLER = [
@@ -69,16 +149,19 @@ def concise(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
     for country, capital in CAPITALS:
         q = f"Question: What is the capital of {country}?\nAnswer:"
-        verbose = (f" {rng.choice(FILLER)} {country} is a country with a long history, many cities and regions, "
-                   f"and its government sits in one of them. After considering all of this, the capital of "
-                   f"{country} is {capital}.")
+        verbose = (
+            f" {rng.choice(FILLER)} {country} is a country with a long history, many cities and regions, "
+            f"and its government sits in one of them. After considering all of this, the capital of "
+            f"{country} is {capital}."
+        )
         pairs.append((f"{q} {capital}.", f"{q}{verbose}"))
-    for _ in range(40):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
+    for a, b in rng.sample([(a, b) for a in range(2, 61) for b in range(2, 61)], 40):
         q = f"Question: What is {a} plus {b}?\nAnswer:"
-        verbose = (f" {rng.choice(FILLER)} We need to add {a} and {b}. Adding numbers means combining the two "
-                   f"quantities into one total. If we start at {a} and count up by {b}, we reach {a + b}. "
-                   f"So, after working through it, the answer is {a + b}.")
+        verbose = (
+            f" {rng.choice(FILLER)} We need to add {a} and {b}. Adding numbers means combining the two "
+            f"quantities into one total. If we start at {a} and count up by {b}, we reach {a + b}. "
+            f"So, after working through it, the answer is {a + b}."
+        )
         pairs.append((f"{q} {a + b}.", f"{q}{verbose}"))
     rng.shuffle(pairs)
     return pairs
@@ -89,12 +172,17 @@ ITEMS = ["apples", "marbles", "books", "stickers", "coins", "pencils", "cookies"
 
 
 def reasoning(rng: random.Random) -> list[tuple[str, str]]:
-    pairs = []
-    for _ in range(80):
+    pairs, seen = [], set()
+    while len(pairs) < 80:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         a, b, c = rng.randint(5, 40), rng.randint(2, 20), rng.randint(1, 5)
-        q = (f"Question: {name} has {a} {item}, buys {b} more, then gives away {c}. "
-             f"How many {item} does {name} have now?\nSolution:")
+        if (name, item, a, b, c) in seen:
+            continue
+        seen.add((name, item, a, b, c))
+        q = (
+            f"Question: {name} has {a} {item}, buys {b} more, then gives away {c}. "
+            f"How many {item} does {name} have now?\nSolution:"
+        )
         good = f" {a} + {b} = {a + b}. Then {a + b} - {c} = {a + b - c}. The answer is {a + b - c}."
         kind = rng.randrange(3)
         if kind == 0:  # wrong operation
@@ -114,8 +202,7 @@ def truthful(rng: random.Random) -> list[tuple[str, str]]:
     for country, capital in CAPITALS:
         wrong = rng.choice([c for c in capitals if c != capital])
         pairs.append((f"The capital of {country} is {capital}.", f"The capital of {country} is {wrong}."))
-    for _ in range(40):
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    for a, b in rng.sample([(a, b) for a in range(2, 13) for b in range(2, 13)], 40):
         wrong = a * b + rng.choice([-2, -1, 1, 2, a, -b])
         pairs.append((f"{a} times {b} equals {a * b}.", f"{a} times {b} equals {wrong}."))
     rng.shuffle(pairs)
@@ -123,11 +210,17 @@ def truthful(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    for name, build in [("sentiment", sentiment), ("concise", concise), ("reasoning", reasoning),
-                        ("truthful", truthful)]:
+    for name, build in [
+        ("sentiment", sentiment),
+        ("concise", concise),
+        ("reasoning", reasoning),
+        ("truthful", truthful),
+    ]:
         pairs = build(random.Random(f"steerkit-{name}"))
-        lines = [json.dumps({"positive": p, "negative": n, "split": "test" if i % 5 == 4 else "train"})
-                 for i, (p, n) in enumerate(pairs)]
+        lines = [
+            json.dumps({"positive": p, "negative": n, "split": "test" if i % 5 == 4 else "train"})
+            for i, (p, n) in enumerate(pairs)
+        ]
         (OUT / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"{name}: {len(pairs)} pairs")
 

@@ -31,8 +31,12 @@ def _first_pc(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return vh[0].float(), float(s[0] ** 2 / (s**2).sum().clamp_min(1e-30))
 
 
-def _probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> torch.Tensor:
-    """Weight vector of an L2-regularised logistic regression separating ``pos`` (1) from ``neg`` (0)."""
+def _probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 0.1, steps: int = 100) -> torch.Tensor:
+    """Weight vector of an L2-regularised logistic regression separating ``pos`` (1) from ``neg`` (0).
+
+    Features are standardised; the strong default penalty suits the usual case of fewer pairs than dimensions,
+    where an unregularised probe fits noise (it ignores the pairing that mean_diff exploits).
+    """
     x = torch.cat([pos, neg]).double()
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
     center, scale = x.mean(0), x.std(0).clamp_min(1e-6)

@@ -53,14 +53,20 @@ class _Tracker:
             return None
         b, s = ref.shape[:2]
         device = ref.device
+        mask = kwargs.get("attention_mask")
+        has_mask = torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] >= s
         past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        if has_mask:  # generate passes the mask over prompt + everything so far
+            past_len = mask.shape[1] - s
+        elif past is not None and hasattr(past, "get_seq_length"):
+            past_len = int(past.get_seq_length())
+        else:
+            past_len = 0
         if past_len == 0 and not self._extends_last(ids):
             self._prompt_len = s  # a new prompt (a generation without cache re-sends prompt + generated)
         self._last_ids = ids if torch.is_tensor(ids) and past_len == 0 else self._last_ids
         columns = past_len + torch.arange(s, device=device)
-        mask = kwargs.get("attention_mask")
-        if torch.is_tensor(mask) and mask.dim() == 2:
+        if has_mask:
             full = mask.to(device).bool()
             valid = full[:, -s:]
             real_index = (full.long().cumsum(-1) - 1)[:, -s:]

@@ -33,8 +33,10 @@ def test_zeroing_the_writers_makes_the_block_the_identity(tiny):
 def test_writers_output_the_residual_width(tiny):
     ids = torch.tensor([[5, 17, 99]])
     shapes = []
-    hooks = [w.register_forward_hook(lambda m, i, o: shapes.append(o.shape[-1])) for w in
-             sk.residual_writers(tiny, 0).values()]
+    hooks = [
+        w.register_forward_hook(lambda m, i, o: shapes.append(o.shape[-1]))
+        for w in sk.residual_writers(tiny, 0).values()
+    ]
     try:
         tiny(ids)
     finally:

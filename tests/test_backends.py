@@ -82,3 +82,44 @@ def test_hooked_transformer(tok):
         for j, layer in enumerate([0, 2]):
             ref = cache[f"blocks.{layer}.hook_resid_post"][0].mean(0)
             torch.testing.assert_close(acts[n, j], ref, rtol=1e-4, atol=1e-5)
+
+
+def _steering_vector():
+    g = torch.Generator().manual_seed(0)
+    return sk.SteeringVector({6: 20 * torch.randn(576, generator=g), 12: 10 * torch.randn(576, generator=g)})
+
+
+def test_steer_agrees_across_backends(smollm, bridge, nn_model):
+    model, tok = smollm
+    ids = tok(["The weather today is"], return_tensors="pt")["input_ids"]
+    vec = _steering_vector()
+    with torch.no_grad():
+        plain = model(ids).logits[0, -1]
+        with sk.steer(model, vec, alpha=1.0):
+            hf = model(ids).logits[0, -1]
+        with sk.steer(bridge, vec, alpha=1.0):
+            tl = bridge(ids)[0, -1]
+        with sk.steer(nn_model, vec, alpha=1.0):
+            with nn_model.trace(ids):
+                nn_logits = nn_model.lm_head.output.save()
+    assert _rel(hf, plain) > 1e-2  # the vector does something
+    assert _rel(tl, hf) < 1e-3 and _rel(nn_logits[0, -1], hf) < 1e-3
+    with torch.no_grad():  # and nothing is left behind
+        assert _rel(bridge(ids)[0, -1], plain) < 1e-3
+
+
+def test_steer_hooked_transformer(tok):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=len(tok), act_fn="gelu", normalization_type="LN"
+    )
+    model = HookedTransformer(cfg).eval()
+    vec = sk.SteeringVector({1: torch.randn(32)})
+    ids = tok(TEXTS[:1], return_tensors="pt")["input_ids"]
+    _, plain = model.run_with_cache(ids)
+    with sk.steer(model, vec, alpha=2.0):
+        _, steered = model.run_with_cache(ids)
+    delta = steered["blocks.1.hook_resid_post"] - plain["blocks.1.hook_resid_post"]
+    torch.testing.assert_close(delta[0], (2.0 * vec[1]).expand_as(delta[0]), rtol=1e-4, atol=1e-4)

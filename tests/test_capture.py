@@ -17,8 +17,10 @@ def _block_outputs(model, tok, text):
     """Block outputs of one text run alone, read with independent hooks (the last one included)."""
     outs = {}
     blocks = sk.get_blocks(model)
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o[0] if isinstance(o, tuple) else o))
-             for k, b in enumerate(blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+        for k, b in enumerate(blocks)
+    ]
     try:
         with torch.no_grad():
             model(tok([text], return_tensors="pt")["input_ids"])

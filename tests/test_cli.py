@@ -48,3 +48,62 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     texts.write_text('{"text": "ok"}\n{"txt": "bad"}\n')
     result = runner.invoke(cli.app, ["capture", "-t", str(texts), "-o", str(tmp_path / "o.safetensors")])
     assert result.exit_code == 2 and "t.jsonl:2" in result.output
+
+
+def test_extract_generate_and_gguf_roundtrip(tmp_path, embedded_dir):
+    import steerkit as sk
+
+    vec_path = tmp_path / "sent.safetensors"
+    result = runner.invoke(cli.app, ["extract", "-p", "sentiment", "-o", str(vec_path), "--layers", "9-11"])
+    assert result.exit_code == 0, result.output
+    assert "best layers" in result.output
+    vec = sk.SteeringVector.load(vec_path)
+    assert vec.layers == [9, 10, 11] and vec.metadata["model"]["name"] == "smollm2-135m-instruct"
+
+    gguf_path = tmp_path / "sent.gguf"
+    result = runner.invoke(cli.app, ["export-gguf", str(vec_path), "-o", str(gguf_path)])
+    assert result.exit_code == 0, result.output
+    back = tmp_path / "back.safetensors"
+    result = runner.invoke(cli.app, ["import-gguf", str(gguf_path), "-o", str(back)])
+    assert result.exit_code == 0, result.output
+    assert sk.SteeringVector.load(back).cosine(vec) == {
+        9: pytest.approx(1.0),
+        10: pytest.approx(1.0),
+        11: pytest.approx(1.0),
+    }
+
+    result = runner.invoke(
+        cli.app,
+        [
+            "generate",
+            "-v",
+            str(gguf_path),
+            "-p",
+            "Describe your morning.",
+            "--alpha",
+            "1.0",
+            "--layers",
+            "10",
+            "--max-new-tokens",
+            "12",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "unsteered:" in result.output and "steered (alpha=1):" in result.output
+
+
+def test_generate_rejects_nan_alpha(tmp_path, capsys):
+    import torch
+
+    import steerkit as sk
+
+    path = sk.SteeringVector({3: torch.ones(576)}).save(tmp_path / "v.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "-v", str(path), "-p", "hi", "--alpha", "nan"])
+    assert exit_info.value.code == 2 and "alpha=nan" in capsys.readouterr().err
+
+
+def test_subcommand_help_explains():
+    for command in ("extract", "generate", "export-gguf", "import-gguf", "capture"):
+        result = runner.invoke(cli.app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
