@@ -34,7 +34,7 @@ def main() -> None:
     dataset = [DatasetEntry(positive=p, negative=n) for p, n in pairs]
 
     def repeng():
-        ControlVector.train(control, tok, dataset, method="pca_diff", max_batch_size=batch_size)
+        ControlVector.train(control, tok, dataset, method="pca_diff", batch_size=batch_size)
 
     plain()
     best = {"plain_s": float("inf"), "repeng_s": float("inf")}

@@ -6,7 +6,7 @@
   (target <= 0.9), and repeng 0.4.0's ControlVector.train(pca_diff) against its own plain forward pass,
   run in repeng's environment (make bench-env) in a subprocess.
 
-Run: make bench   (or .venv/bin/python bench/steer.py --repeats 3)
+Run: make bench   (or .venv/bin/python bench/steer.py --repeats 5)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -31,8 +30,14 @@ import steerkit as sk  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 REPENG_PY = ROOT / "bench" / ".venv-repeng" / "bin" / "python"
 PROMPTS = [
-    "Tell me about your weekend.", "How was the movie?", "Describe your morning.", "What did you eat today?",
-    "Write a note to a friend.", "What is your favourite season?", "Describe a walk in the park.", "How is work?",
+    "Tell me about your weekend.",
+    "How was the movie?",
+    "Describe your morning.",
+    "What did you eat today?",
+    "Write a note to a friend.",
+    "What is your favourite season?",
+    "Describe a walk in the park.",
+    "How is work?",
 ]
 
 
@@ -44,7 +49,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass in extraction")
     args = parser.parse_args()
@@ -71,37 +76,60 @@ def main() -> None:
     for _ in range(args.repeats):
         t_plain = min(t_plain, timed(plain))
         t_extract = min(t_extract, timed(extract))
-    print(f"extraction: 64 pairs = 128 texts, all {len(layers)} layers, batch {args.batch_size}, best of {args.repeats}")
+    print(
+        f"extraction: 64 pairs = 128 texts, all {len(layers)} layers, batch {args.batch_size}, best of {args.repeats}"
+    )
     print(f"  plain forward            {t_plain:7.2f} s")
     print(f"  steerkit extract         {t_extract:7.2f} s   {t_extract / t_plain:.2f}x plain   (target <= 0.90)")
 
     if REPENG_PY.exists():
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump([[p.positive, p.negative] for p in pairs], f)
-        cmd = [str(REPENG_PY), str(ROOT / "bench" / "repeng_side.py"), f.name, str(sk.embedded_checkpoint()),
-               str(args.batch_size), str(args.repeats)]
+        cmd = [
+            str(REPENG_PY),
+            str(ROOT / "bench" / "repeng_side.py"),
+            f.name,
+            str(sk.embedded_checkpoint()),
+            str(args.batch_size),
+            str(args.repeats),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         os.unlink(f.name)
         rp = json.loads(out)
         ratio = rp["repeng_s"] / rp["plain_s"]
-        print(f"  repeng 0.4.0 pca_diff    {rp['repeng_s']:7.2f} s   {ratio:.2f}x its plain forward "
-              f"({rp['plain_s']:.2f} s, numpy {rp['numpy']})")
+        print(
+            f"  repeng 0.4.0 pca_diff    {rp['repeng_s']:7.2f} s   {ratio:.2f}x its plain forward "
+            f"({rp['plain_s']:.2f} s, numpy {rp['numpy']})"
+        )
         print(f"  steerkit is {ratio / (t_extract / t_plain):.2f}x faster than repeng, relative to plain forward")
     else:
         print("  repeng: not measured (build its environment with `make bench-env`)")
 
     # --- steered vs unsteered generation -----------------------------------------------------------
     steer_vec = vec.select(range(8, 13))
-    print(f"\ngeneration: greedy, {args.new_tokens} new tokens, steering layers 8-12 at alpha 1, best of {args.repeats}")
+    print(
+        f"\ngeneration: greedy, {args.new_tokens} new tokens, steering layers 8-12 at alpha 1, best of {args.repeats}"
+    )
     for batch in (1, 8):
-        enc = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in PROMPTS[:batch]],
-                  return_tensors="pt", padding=True, padding_side="left")
+        enc = tok(
+            [
+                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in PROMPTS[:batch]
+            ],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        )
 
-        def gen():
+        def gen(enc=enc):
             with torch.no_grad():
-                model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
+                model.generate(
+                    **enc,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
 
         def steered():
             with sk.steer(model, steer_vec, alpha=1.0):
@@ -113,9 +141,11 @@ def main() -> None:
             t_gen = min(t_gen, timed(gen))
             t_steer = min(t_steer, timed(steered))
         n = batch * args.new_tokens
-        print(f"  batch {batch}: unsteered {n / t_gen:6.1f} tok/s, steered {n / t_steer:6.1f} tok/s, "
-              f"ratio {t_gen / t_steer:.3f}   (target >= 0.97)")
-    print("\nreproduce: make bench   (or .venv/bin/python bench/steer.py --repeats 3)")
+        print(
+            f"  batch {batch}: unsteered {n / t_gen:6.1f} tok/s, steered {n / t_steer:6.1f} tok/s, "
+            f"ratio {t_gen / t_steer:.3f}   (target >= 0.97)"
+        )
+    print("\nreproduce: make bench   (or .venv/bin/python bench/steer.py --repeats 5)")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class _Tracker:
 
     def __init__(self):
         self.step: _Step | None = None
+        self._selection: tuple | None = None  # (key, selection) for the current step
         self._prompt_len = 0
         self._last_ids: torch.Tensor | None = None
 
@@ -49,7 +50,7 @@ class _Tracker:
         embeds = kwargs.get("inputs_embeds")
         ref = ids if torch.is_tensor(ids) and ids.dim() == 2 else embeds
         if ref is None:  # strings (TransformerLens) or an unknown call: steer every position
-            self.step = None
+            self.step = self._selection = None
             return None
         b, s = ref.shape[:2]
         device = ref.device
@@ -74,6 +75,7 @@ class _Tracker:
             valid = torch.ones(b, s, dtype=torch.bool, device=device)
             real_index = columns.expand(b, s)
         self.step = _Step(valid, columns, real_index, self._prompt_len)
+        self._selection = None
         return None
 
     def _extends_last(self, ids) -> bool:
@@ -86,31 +88,35 @@ class _Tracker:
             and torch.equal(ids[:, : last.shape[1]], last.to(ids.device))
         )
 
-    def selection(self, hidden: torch.Tensor, positions: str | int) -> torch.Tensor:
-        """Bool ``[b, s]``: the positions of ``hidden`` to steer."""
+    def selection(self, hidden: torch.Tensor, positions: str | int) -> torch.Tensor | None:
+        """Bool ``[b, s]`` of the positions of ``hidden`` to steer, or None for all of them (computed once a step)."""
+        key = (hidden.shape[:2], hidden.device, positions)
+        if self._selection is not None and self._selection[0] == key:
+            return self._selection[1]
         b, s = hidden.shape[:2]
         step = self.step
         if step is None or step.valid.shape != (b, s):
-            step = _Step(
-                torch.ones(b, s, dtype=torch.bool, device=hidden.device),
-                torch.arange(s, device=hidden.device),
-                torch.arange(s, device=hidden.device).expand(b, s),
-                s,
-            )
+            arange = torch.arange(s, device=hidden.device)
+            step = _Step(torch.ones(b, s, dtype=torch.bool, device=hidden.device), arange, arange.expand(b, s), s)
         valid = step.valid.to(hidden.device)
-        if positions == "all":
-            return valid
         columns = step.columns.to(hidden.device).expand(b, s)
-        if positions == "prompt":
-            return valid & (columns < step.prompt_len)
-        if positions == "generated":
-            return valid & (columns >= step.prompt_len)
-        return valid & (step.real_index.to(hidden.device) >= positions)
+        if positions == "all":
+            selected = valid
+        elif positions == "prompt":
+            selected = valid & (columns < step.prompt_len)
+        elif positions == "generated":
+            selected = valid & (columns >= step.prompt_len)
+        else:
+            selected = valid & (step.real_index.to(hidden.device) >= positions)
+        result = None if bool(selected.all()) else selected
+        self._selection = (key, result)
+        return result
 
 
 def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_norm: bool) -> torch.Tensor:
+    """``h`` steered at every position; for ``add``, ``v`` arrives already scaled by α."""
     if mode == "add":
-        new = h + alpha * v
+        new = h + v
     else:
         unit = v / v.norm().clamp_min(1e-12)
         coef = h @ unit
@@ -189,9 +195,12 @@ def steer(
             h = block_hidden(output)
             key = (layer, h.device, h.dtype)
             if key not in cache:
-                cache[key] = vector[layer].to(device=h.device, dtype=h.dtype)
+                v = vector[layer] * alpha if mode == "add" else vector[layer]
+                cache[key] = v.to(device=h.device, dtype=h.dtype)
             selected = tracker.selection(h, positions)
-            new = torch.where(selected.unsqueeze(-1), _modify(h, cache[key], alpha, mode, preserve_norm), h)
+            new = _modify(h, cache[key], alpha, mode, preserve_norm)
+            if selected is not None:
+                new = torch.where(selected.unsqueeze(-1), new, h)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
