@@ -7,6 +7,7 @@ from steerkit.extract import METHODS, extract
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
 from steerkit.steer import generate, steer
 from steerkit.vector import SteeringVector
+from steerkit.weights import TaskVector, bake, merge
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,8 @@ __all__ = [
     "Pair",
     "Recorder",
     "SteeringVector",
+    "TaskVector",
+    "bake",
     "bundled_sets",
     "capture",
     "embedded_checkpoint",
@@ -25,6 +28,7 @@ __all__ = [
     "hidden_size",
     "load_model",
     "load_pairs",
+    "merge",
     "num_layers",
     "persona_pairs",
     "residual_writers",

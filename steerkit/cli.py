@@ -222,6 +222,120 @@ def import_gguf(
     typer.echo(f"wrote {output}: layers {vec.layers}, d_model {vec.d_model}")
 
 
+def _parse_layer_alphas(spec: str) -> dict[int, float]:
+    """``"0-9:0.5,10:1.5"`` -> {0: 0.5, ..., 9: 0.5, 10: 1.5}."""
+    out: dict[int, float] = {}
+    for part in spec.split(","):
+        layers, sep, value = part.strip().rpartition(":")
+        if not sep or not layers:
+            raise typer.BadParameter(f"cannot read {part!r}: expected LAYERS:MULTIPLIER, e.g. '0-9:0.5'")
+        lo, dash, hi = layers.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
+            out.update(dict.fromkeys(span, float(value)))
+        except ValueError:
+            raise typer.BadParameter(f"cannot read {part!r}: expected LAYERS:MULTIPLIER, e.g. '0-9:0.5'") from None
+    return out
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="Checkpoint A (e.g. the RL-trained model).")],
+    b: Annotated[str, typer.Argument(help="Checkpoint B of the same base (e.g. the SFT model).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Task-vector directory to write.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob of tensor names to leave out; repeatable.")] = None,
+    common_rows: Annotated[
+        bool, typer.Option(help="For tensors of different row counts, take the shared rows.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Compute the task vector A - B tensor by tensor (float32), print its size by layer, optionally save it."""
+    import steerkit as sk
+
+    tv = sk.TaskVector.between(a, b, exclude=exclude, common_rows=common_rows)
+    stats = tv.stats()
+    typer.echo(f"{'layer':>6} {'|delta|':>10} {'|delta|/|B|':>12}")
+    for layer in sorted(stats["layers"], key=lambda k: (k is not None, k if k is not None else -1)):
+        row = stats["layers"][layer]
+        typer.echo(f"{'other' if layer is None else layer:>6} {row['norm']:>10.4f} {row['relative']:>12.2e}")
+    if output is not None:
+        tv.save(output, force=force)
+        typer.echo(f"wrote {output} ({len(tv.deltas)} tensors)")
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Argument(help="Base checkpoint directory (or embedded model name).")],
+    add: Annotated[
+        list[str], typer.Option("--add", help="DIR:ALPHA, a task-vector directory and its weight; repeatable.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
+    method: Annotated[str, typer.Option(help="task_arithmetic, ties or dare.")] = "task_arithmetic",
+    alpha_by_layer: Annotated[
+        str | None, typer.Option(help="Per-layer multipliers of every alpha, e.g. '0-9:0.5,10-29:1'.")
+    ] = None,
+    density: Annotated[float, typer.Option(help="Kept fraction for ties and dare.")] = 0.5,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Merge task vectors into a base: out = base + sum(alpha * vector), written as a plain HF checkpoint.
+
+    Computed in float32 tensor by tensor and written in the base's dtype; tied embeddings stay tied; config,
+    tokenizer and generation config are carried over; nothing is left behind if it fails.
+    """
+    import steerkit as sk
+
+    vectors = []
+    for item in add:
+        path, sep, alpha = item.rpartition(":")
+        if not sep or not path:
+            raise typer.BadParameter(f"--add {item!r}: expected DIR:ALPHA, e.g. vec_dir:1.0")
+        vectors.append((path, _parse_alpha(alpha)))
+    scales = _parse_layer_alphas(alpha_by_layer) if alpha_by_layer else None
+    sk.merge(
+        base,
+        vectors,
+        output,
+        method=method,
+        alpha_by_layer=scales,
+        density=density,
+        max_shard_size=max_shard_size,
+        force=force,
+        progress=True,
+    )
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+def bake(
+    base: Annotated[str, typer.Argument(help="Base checkpoint directory (or embedded model name).")],
+    vector: Annotated[
+        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
+    alpha: Annotated[
+        str, typer.Option(help="Steering strength: the checkpoint adds alpha * v at every position.")
+    ] = "1.0",
+    layers: Annotated[
+        str | None, typer.Option(help="Bake only these of the vector's layers, e.g. '10' or '8-12'.")
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Bake a steering vector into weights: a checkpoint that any engine serves steered, without steerkit.
+
+    The vector becomes the bias of each block's MLP output projection (Llama family via mlp_bias; GPT-2,
+    GPT-NeoX). Architectures without such a bias get an error; use export-gguf or hook steering there.
+    """
+    import steerkit as sk
+    from steerkit.arch import parse_layers
+
+    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    chosen = parse_layers(layers, max(vec.layers) + 1) if layers else None
+    sk.bake(base, vec, _parse_alpha(alpha), output, layers=chosen, max_shard_size=max_shard_size, force=force)
+    typer.echo(f"wrote {output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one clear line and exit code 2, not a traceback."""
     try:

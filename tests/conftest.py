@@ -39,7 +39,8 @@ def tiny_config(model_type: str, vocab_size: int):
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
     }
-    return classes[model_type](**common, num_key_value_heads=kv, head_dim=h // a)
+    tied = {"tie_word_embeddings": True} if model_type == "llama" else {}  # SmolLM2 ties; the others do not
+    return classes[model_type](**common, num_key_value_heads=kv, head_dim=h // a, **tied)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]

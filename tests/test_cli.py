@@ -107,3 +107,40 @@ def test_subcommand_help_explains():
     for command in ("extract", "generate", "export-gguf", "import-gguf", "capture"):
         result = runner.invoke(cli.app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_diff_merge_bake_commands(tmp_path, tok):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import steerkit as sk
+    from steerkit.weights import CheckpointReader
+    from tests.conftest import make_tiny
+    from tests.test_weights import _perturbed, _save
+
+    base = _save(make_tiny("llama", len(tok)), tmp_path / "base")
+    a = _perturbed("llama", len(tok), 1, tmp=tmp_path, name="a")
+    b = _perturbed("llama", len(tok), 2, tmp=tmp_path, name="b")
+    result = runner.invoke(cli.app, ["diff", str(a), str(b), "-o", str(tmp_path / "tv")])
+    assert result.exit_code == 0, result.output
+    assert "other" in result.output and "wrote" in result.output
+    out = tmp_path / "merged"
+    args = ["merge", str(base), "--add", f"{tmp_path / 'tv'}:0.5", "-o", str(out), "--alpha-by-layer", "0-1:2"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected = CheckpointReader(base)[name] + 1.0 * (CheckpointReader(a)[name] - CheckpointReader(b)[name])
+    torch.testing.assert_close(CheckpointReader(out)[name], expected, rtol=1e-6, atol=1e-7)
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, FileExistsError)
+    assert runner.invoke(cli.app, args + ["--force"]).exit_code == 0
+
+    vec_path = sk.SteeringVector({1: torch.ones(32)}).save(tmp_path / "v.safetensors")
+    result = runner.invoke(
+        cli.app, ["bake", str(base), "-v", str(vec_path), "--alpha", "0.5", "-o", str(tmp_path / "baked")]
+    )
+    assert result.exit_code == 0, result.output
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")
+    torch.testing.assert_close(baked.model.layers[1].mlp.down_proj.bias, torch.full((32,), 0.5))
+    result = runner.invoke(cli.app, ["merge", str(base), "--add", "nocolon", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "DIR:ALPHA" in result.output

@@ -1,0 +1,7 @@
+"""Weight space: lazy checkpoint I/O, task vectors, merging, baking steering vectors into weights."""
+
+from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
+from steerkit.weights.merge import bake, merge
+from steerkit.weights.taskvec import TaskVector
+
+__all__ = ["CheckpointReader", "CheckpointWriter", "TaskVector", "bake", "merge"]

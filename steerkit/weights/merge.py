@@ -1,0 +1,226 @@
+"""Merge task vectors into a checkpoint, and bake a steering vector into weights; one tensor at a time.
+
+Both write a plain Hugging Face checkpoint (``transformers`` loads it without steerkit): every tensor of
+the base, in the base's dtype, computed in float32, validated before a byte is written and checked for
+NaN/inf after each tensor, into a temporary directory renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from steerkit import arch
+from steerkit.vector import SteeringVector
+from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
+from steerkit.weights.taskvec import TaskVector, _reader, layer_of
+
+METHODS = ("task_arithmetic", "ties", "dare")
+
+
+def _finite(alpha, what: str = "alpha") -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise ValueError(f"{what}={alpha!r}: expected a finite number")
+    return float(alpha)
+
+
+def _shape(deltas: Mapping, name: str) -> tuple[int, ...]:
+    return deltas.shape(name) if isinstance(deltas, CheckpointReader) else tuple(deltas[name].shape)
+
+
+def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step)."""
+    k = int(round(delta.numel() * (1 - density)))
+    if k <= 0:
+        return delta
+    threshold = delta.abs().flatten().kthvalue(k).values
+    return torch.where(delta.abs() > threshold, delta, torch.zeros_like(delta))
+
+
+def combine(
+    base: torch.Tensor, parts: list[tuple[torch.Tensor, float]], method: str, density: float, generator=None
+) -> torch.Tensor:
+    """``base`` (float32) plus weighted deltas by task arithmetic, TIES (trim, elect sign, disjoint mean) or DARE."""
+    if method == "task_arithmetic":
+        out = base.clone()
+        for delta, alpha in parts:
+            out += alpha * delta.float()
+        return out
+    if method == "dare":  # drop with probability 1 - density, rescale the survivors
+        out = base.clone()
+        for delta, alpha in parts:
+            keep = torch.rand(delta.shape, generator=generator) < density
+            out += alpha * delta.float() * keep / density
+        return out
+    weighted = torch.stack([alpha * _trim(delta.float(), density) for delta, alpha in parts])
+    sign = torch.sign(weighted.sum(0))
+    agree = (torch.sign(weighted) == sign) & (weighted != 0)
+    merged = (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
+    return base + merged
+
+
+def _steerkit_version() -> str:
+    import steerkit
+
+    return steerkit.__version__
+
+
+def _card(title: str, lines: list[str]) -> str:
+    stamp = datetime.date.today().isoformat()
+    body = "\n".join(f"- {line}" for line in lines)
+    return f"# {title}\n\nWritten by steerkit {_steerkit_version()} on {stamp}.\n\n{body}\n"
+
+
+def merge(
+    base: str | os.PathLike,
+    vectors: Sequence[tuple[TaskVector | str | os.PathLike, float]],
+    out: str | os.PathLike,
+    method: str = "task_arithmetic",
+    alpha_by_layer: Mapping[int, float] | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Write ``base + Σ α_i·v_i`` (or TIES / DARE) as a checkpoint in ``out``.
+
+    ``vectors``: ``(TaskVector or task-vector directory, α)`` pairs. ``alpha_by_layer`` multiplies every α
+    for the tensors of a layer (``{0: 0.5, ...}``; unlisted layers and non-layer tensors keep α). ``density``
+    is the kept fraction for TIES and DARE. Tensors no vector touches are copied bit for bit.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    if not 0 < density <= 1:
+        raise ValueError(f"density={density!r}: expected a fraction in (0, 1]")
+    if not vectors:
+        raise ValueError("no vectors to merge")
+    reader = _reader(base)
+    config = reader.config()
+    loaded = []
+    for vec, alpha in vectors:
+        tv = vec if isinstance(vec, TaskVector) else TaskVector.load(vec)
+        loaded.append((tv, _finite(alpha)))
+    scales = {int(k): _finite(v, f"alpha_by_layer[{k}]") for k, v in (alpha_by_layer or {}).items()}
+    # Validate everything before a byte is written.
+    for tv, _ in loaded:
+        source = tv.metadata.get("a") or "a task vector"
+        vec_type, base_type = tv.metadata.get("model_type"), config.get("model_type")
+        if vec_type and base_type and vec_type != base_type:
+            raise ValueError(f"{source}: a {vec_type} task vector cannot merge into a {base_type} model")
+        for name in tv.deltas:
+            if name not in reader:
+                raise ValueError(f"{source}: tensor {name!r} is missing from the base {reader.path}")
+            if _shape(tv.deltas, name) != reader.shape(name):
+                raise ValueError(
+                    f"{source}: {name} has shape {_shape(tv.deltas, name)} but the base has {reader.shape(name)} "
+                    "(a vector computed from another base?)"
+                )
+    generator = torch.Generator().manual_seed(seed)
+    with CheckpointWriter(out, max_shard_size=max_shard_size, source=reader.path, force=force) as writer:
+        for name in tqdm(reader, desc="merge", disable=(not progress) if progress is not None else None):
+            tensor = reader[name]
+            scale = scales.get(layer_of(name), 1.0)
+            parts = [(tv.deltas[name], alpha * scale) for tv, alpha in loaded if name in tv.deltas]
+            parts = [(d, a) for d, a in parts if a != 0]
+            if not parts or not tensor.is_floating_point():
+                writer.add(name, tensor)
+                continue
+            merged = combine(tensor.float(), parts, method, density, generator)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"{name}: NaN or inf after merging; nothing was written")
+            writer.add(name, merged.to(tensor.dtype))
+        lines = [
+            f"base: `{base}`",
+            f"method: {method}" + (f" (density {density})" if method != "task_arithmetic" else ""),
+        ]
+        for tv, alpha in loaded:
+            lines.append(f"added α = {alpha:g} × (`{tv.metadata.get('a')}` − `{tv.metadata.get('b')}`)")
+        if scales:
+            lines.append(f"per-layer α multipliers: {scales}")
+        writer.add_file("README.md", _card("Merged checkpoint", lines))
+    return Path(out)
+
+
+def bake(
+    base: str | os.PathLike,
+    vector: SteeringVector,
+    alpha: float,
+    out: str | os.PathLike,
+    layers: Sequence[int] | None = None,
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+) -> Path:
+    """Write a checkpoint whose plain forward equals hook steering ``h += α·v`` at every position.
+
+    The vector becomes the bias of each steered block's last residual-writing projection (the MLP output):
+    Llama-family models through ``mlp_bias`` (zero gate/up/down biases elsewhere), GPT-2 and GPT-NeoX
+    through the biases they already have. Architectures that cannot carry it raise an error.
+    """
+    alpha = _finite(alpha)
+    reader = _reader(base)
+    config = reader.config()
+    model_type = config.get("model_type")
+    spec = arch.ARCHS.get(model_type)
+    llama_like = spec is not None and spec.mlp_out == "mlp.down_proj" and not spec.norm_after_writers
+    if llama_like:
+        from transformers import AutoConfig
+
+        llama_like = hasattr(AutoConfig.for_model(model_type), "mlp_bias")
+    if spec is None or spec.norm_after_writers or (spec.mlp_out == "mlp.down_proj" and not llama_like):
+        raise ValueError(
+            f"cannot bake a steering vector into a {model_type!r} checkpoint: its MLP output projection has no "
+            "bias (or a norm follows it). Export a llama.cpp control vector (vec.to_gguf / steerkit export-gguf) "
+            "or steer with hooks (steerkit.steer) instead"
+        )
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    n_layers = config.get("num_hidden_layers") or config.get("n_layer")
+    vector.check_model(hidden, n_layers)
+    chosen = vector.layers if layers is None else list(layers)
+    missing = [layer for layer in chosen if layer not in vector]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
+    prefix = spec.blocks
+    if f"{prefix}.0.{spec.mlp_out}.weight" not in reader:
+        raise ValueError(
+            f"{reader.path} has no tensor {prefix}.0.{spec.mlp_out}.weight: not a {model_type} checkpoint?"
+        )
+    dtype = reader[f"{prefix}.0.{spec.mlp_out}.weight"].dtype
+    steer = {f"{prefix}.{i}.{spec.mlp_out}.bias": alpha * vector[i] for i in chosen}
+    new_biases = {}
+    if llama_like and not config.get("mlp_bias"):
+        inter = config["intermediate_size"]
+        for i in range(n_layers):
+            for proj, width in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
+                new_biases[f"{prefix}.{i}.mlp.{proj}.bias"] = torch.zeros(width, dtype=dtype)
+    record = {"layers": chosen, "alpha": alpha, "method": vector.metadata.get("method"), "norms": vector.norms()}
+    updates = {"steerkit_bake": record}
+    if llama_like:
+        updates["mlp_bias"] = True
+    with CheckpointWriter(
+        out, max_shard_size=max_shard_size, source=reader.path, force=force, config_updates=updates
+    ) as writer:
+        for name in reader:
+            tensor = reader[name]
+            if name in steer:
+                tensor = (tensor.float() + steer.pop(name)).to(tensor.dtype)
+            writer.add(name, tensor)
+        for name, tensor in new_biases.items():
+            if name in steer:
+                tensor = (tensor.float() + steer.pop(name)).to(dtype)
+            writer.add(name, tensor)
+        if steer:
+            raise ValueError(f"the checkpoint has no bias tensor {next(iter(steer))!r} to carry the vector")
+        lines = [
+            f"base: `{base}`",
+            f"steering vector ({record['method']}) baked at layers {chosen}, α = {alpha:g}",
+            "the vector is the bias of each steered block's MLP output projection",
+        ]
+        writer.add_file("README.md", _card("Steered checkpoint", lines))
+    return Path(out)
