@@ -32,11 +32,13 @@ test: setup
 bench: setup bench-env
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/steer.py
+	$(BIN)/python bench/merge.py
 
 # repeng 0.4.0 for side-by-side numbers, in its own environment (it needs numpy<2); never a steerkit dependency.
 # It reuses torch and transformers from .venv through a .pth file; its own numpy<2 comes first on sys.path.
 REPENG := bench/.venv-repeng
-bench-env: $(REPENG)/.done
+MERGEKIT := bench/.venv-mergekit
+bench-env: $(REPENG)/.done $(MERGEKIT)/.done
 $(REPENG)/.done: | $(STAMP)
 	test -x $(REPENG)/bin/python || $(PY) -m venv $(REPENG)
 	$(REPENG)/bin/pip install -q "numpy<2" scikit-learn tqdm gguf 2>$(REPENG)/pip.err || { cat $(REPENG)/pip.err; exit 1; }
@@ -50,4 +52,12 @@ lint: setup
 	$(BIN)/ruff format --check steerkit tests bench
 
 clean:
-	rm -rf $(VENV) bench/.venv-repeng build *.egg-info
+	rm -rf $(VENV) $(REPENG) $(MERGEKIT) build *.egg-info
+
+# mergekit 0.1.5 for bench/merge.py, in its own environment (torch 2.13.0 first, so no CUDA build is pulled).
+$(MERGEKIT)/.done:
+	test -x $(MERGEKIT)/bin/python || $(PY) -m venv $(MERGEKIT)
+	$(MERGEKIT)/bin/pip install -q torch==2.13.0 2>$(MERGEKIT)/pip.err || { cat $(MERGEKIT)/pip.err; exit 1; }
+	$(MERGEKIT)/bin/pip install -q mergekit==0.1.5 2>$(MERGEKIT)/pip.err || { cat $(MERGEKIT)/pip.err; exit 1; }
+	$(MERGEKIT)/bin/mergekit-yaml --help > /dev/null
+	touch $@

@@ -12,11 +12,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from steerkit._io import atomic_path
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders need it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF model into a plain float32 checkpoint (config, weights, tokenizer) in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -122,6 +127,8 @@ def load_model(
     or ``"auto"`` (accelerate's device_map). The model is put in eval mode; a tokenizer without a pad token
     gets its EOS token as pad.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     key = str(name_or_path)
     if key in EMBEDDED:
         source = embedded_checkpoint(key)

@@ -55,32 +55,33 @@ class CheckpointReader(Mapping):
             weight_map = None
         else:
             raise ValueError(f"{self.path} holds neither {SINGLE} nor {INDEX}: not a safetensors checkpoint")
-        self._handles: dict[str, object] = {}
         if weight_map is None:
-            weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
+            with self._open(SINGLE) as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE)
         for shard in sorted(set(weight_map.values())):
-            names = set(self._open(shard).keys())
+            with self._open(shard) as f:
+                names = set(f.keys())
             missing = [n for n, s in weight_map.items() if s == shard and n not in names]
             if missing:
                 raise ValueError(f"{self.path / shard} lacks tensors the index lists, e.g. {missing[0]!r}")
         self.weight_map = weight_map
 
     def _open(self, shard: str):
-        if shard not in self._handles:
-            file = self.path / shard
-            if not file.is_file():
-                raise ValueError(f"shard {shard} listed in {self.path / INDEX} is missing")
-            try:
-                self._handles[shard] = safe_open(str(file), "pt")
-            except (SafetensorError, OSError) as err:
-                raise ValueError(f"{file} is truncated or not a safetensors file: {err}") from None
-        return self._handles[shard]
+        """A fresh handle per read: the file is unmapped after it, so memory follows the tensor, not the model."""
+        file = self.path / shard
+        if not file.is_file():
+            raise ValueError(f"shard {shard} listed in {self.path / INDEX} is missing")
+        try:
+            return safe_open(str(file), "pt")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} is truncated or not a safetensors file: {err}") from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         try:
-            return self._open(self.weight_map[name]).get_tensor(name)
+            with self._open(self.weight_map[name]) as f:
+                return f.get_tensor(name)
         except SafetensorError as err:
             raise ValueError(f"cannot read {name!r} from {self.path / self.weight_map[name]}: {err}") from None
 
@@ -90,20 +91,15 @@ class CheckpointReader(Mapping):
     def __len__(self) -> int:
         return len(self.weight_map)
 
-    def slice(self, name: str):
-        """A safetensors slice: ``.get_shape()``, ``.get_dtype()`` without reading the data."""
-        return self._open(self.weight_map[name]).get_slice(name)
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.slice(name).get_shape())
-
-    def dtype_name(self, name: str) -> str:
-        return self.slice(name).get_dtype()
+        """Shape of a tensor, read from the header only."""
+        with self._open(self.weight_map[name]) as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata of the first shard."""
-        first = sorted(set(self.weight_map.values()))[0]
-        return dict(self._open(first).metadata() or {})
+        with self._open(sorted(set(self.weight_map.values()))[0]) as f:
+            return dict(f.metadata() or {})
 
     def config(self) -> dict:
         file = self.path / "config.json"

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit.vector import SteeringVector
-from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
-from steerkit.weights.taskvec import TaskVector, _reader, layer_of
+from steerkit.weights.checkpoint import CheckpointWriter
+from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, layer_of
 
 METHODS = ("task_arithmetic", "ties", "dare")
 
@@ -31,7 +31,8 @@ def _finite(alpha, what: str = "alpha") -> float:
 
 
 def _shape(deltas: Mapping, name: str) -> tuple[int, ...]:
-    return deltas.shape(name) if isinstance(deltas, CheckpointReader) else tuple(deltas[name].shape)
+    """A delta's shape, from file headers where the deltas are lazy."""
+    return deltas.shape(name) if callable(getattr(deltas, "shape", None)) else tuple(deltas[name].shape)
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -43,26 +44,46 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(delta.abs() > threshold, delta, torch.zeros_like(delta))
 
 
-def combine(
-    base: torch.Tensor, parts: list[tuple[torch.Tensor, float]], method: str, density: float, generator=None
-) -> torch.Tensor:
-    """``base`` (float32) plus weighted deltas by task arithmetic, TIES (trim, elect sign, disjoint mean) or DARE."""
-    if method == "task_arithmetic":
-        out = base.clone()
-        for delta, alpha in parts:
-            out += alpha * delta.float()
-        return out
-    if method == "dare":  # drop with probability 1 - density, rescale the survivors
-        out = base.clone()
-        for delta, alpha in parts:
-            keep = torch.rand(delta.shape, generator=generator) < density
-            out += alpha * delta.float() * keep / density
-        return out
-    weighted = torch.stack([alpha * _trim(delta.float(), density) for delta, alpha in parts])
-    sign = torch.sign(weighted.sum(0))
-    agree = (torch.sign(weighted) == sign) & (weighted != 0)
-    merged = (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
-    return base + merged
+CHUNK = 1 << 22  # elements per float32 temporary (16 MB): memory follows this, not the largest tensor
+
+
+def _row_slices(shape: torch.Size):
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, CHUNK // max(per_row, 1))
+    rows = shape[0] if len(shape) else 1
+    for start in range(0, rows, step):
+        yield slice(start, start + step) if len(shape) else slice(None)
+
+
+def _source(deltas: Mapping, name: str):
+    """A function ``rows -> float32 delta rows``; lazy deltas read A and B once, in their stored dtype."""
+    if isinstance(deltas, _Deltas):
+        ta, tb = deltas.raw(name)
+        return lambda rows: ta[rows].float() - tb[rows].float()
+    delta = deltas[name]
+    return lambda rows: delta[rows].float()
+
+
+def combine(base: torch.Tensor, parts: list, method: str, density: float, generator=None) -> torch.Tensor:
+    """``base`` plus weighted deltas, in ``base``'s dtype: task arithmetic, TIES (trim, elect sign, disjoint
+    mean) or DARE (drop with probability 1 − density, rescale). ``parts``: ``(rows -> float32 delta, α)``.
+    Task arithmetic and DARE run over row chunks, so float32 temporaries stay small for any tensor."""
+    if method == "ties":
+        weighted = torch.stack([alpha * _trim(source(slice(None)), density) for source, alpha in parts])
+        sign = torch.sign(weighted.sum(0))
+        agree = (torch.sign(weighted) == sign) & (weighted != 0)
+        merged = (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
+        return (base.float() + merged).to(base.dtype)
+    out = torch.empty_like(base)
+    for rows in _row_slices(base.shape):
+        acc = base[rows].float()
+        for source, alpha in parts:
+            delta = source(rows)
+            if method == "dare":
+                delta = delta * (torch.rand(delta.shape, generator=generator) < density) / density
+            acc += alpha * delta
+        out[rows] = acc.to(base.dtype)
+    return out
 
 
 def _steerkit_version() -> str:
@@ -127,15 +148,14 @@ def merge(
         for name in tqdm(reader, desc="merge", disable=(not progress) if progress is not None else None):
             tensor = reader[name]
             scale = scales.get(layer_of(name), 1.0)
-            parts = [(tv.deltas[name], alpha * scale) for tv, alpha in loaded if name in tv.deltas]
-            parts = [(d, a) for d, a in parts if a != 0]
+            parts = [(tv.deltas, alpha * scale) for tv, alpha in loaded if name in tv.deltas and alpha * scale != 0]
             if not parts or not tensor.is_floating_point():
                 writer.add(name, tensor)
                 continue
-            merged = combine(tensor.float(), parts, method, density, generator)
+            merged = combine(tensor, [(_source(d, name), a) for d, a in parts], method, density, generator)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"{name}: NaN or inf after merging; nothing was written")
-            writer.add(name, merged.to(tensor.dtype))
+            writer.add(name, merged)
         lines = [
             f"base: `{base}`",
             f"method: {method}" + (f" (density {density})" if method != "task_arithmetic" else ""),

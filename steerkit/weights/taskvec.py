@@ -39,8 +39,39 @@ def _reader(source) -> CheckpointReader:
     return CheckpointReader(embedded_checkpoint(source) if str(source) in EMBEDDED else source)
 
 
+class _Deltas(Mapping):
+    """θ_A − θ_B, computed in float32 when a tensor is asked for: nothing is held in memory."""
+
+    def __init__(self, a: CheckpointReader, b: CheckpointReader, names: list[str], common_rows: bool):
+        self.a, self.b, self.names, self.common_rows = a, b, names, common_rows
+
+    def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's tensors in their stored dtypes, cut to the rows both have."""
+        if name not in self.names:
+            raise KeyError(f"{name!r} is not in this task vector")
+        ta, tb = self.a[name], self.b[name]
+        if ta.shape != tb.shape:
+            rows = min(ta.shape[0], tb.shape[0])
+            ta, tb = ta[:rows], tb[:rows]
+        return ta, tb
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        ta, tb = self.raw(name)
+        return ta.float() - tb.float()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        sa, sb = self.a.shape(name), self.b.shape(name)
+        return sa if sa == sb else (min(sa[0], sb[0]), *sa[1:])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class TaskVector:
-    """Per-tensor deltas (float32) plus metadata; backed by a dict or, when loaded, lazily by the files."""
+    """Per-tensor deltas (float32) plus metadata; computed or read lazily, one tensor at a time."""
 
     def __init__(self, deltas: Mapping[str, torch.Tensor], metadata: dict | None = None, config: dict | None = None):
         self.deltas = deltas
@@ -58,51 +89,47 @@ class TaskVector:
     ) -> TaskVector:
         """θ_A − θ_B for every tensor both checkpoints hold (``include``/``exclude``: glob patterns on names).
 
+        Names and shapes are checked from the file headers at once; the deltas are computed when read.
         Differently shaped tensors are an error unless excluded, or ``common_rows=True`` asks for the delta
         over the leading rows both have (e.g. a vocabulary grown by added tokens).
         """
         ra, rb = _reader(a), _reader(b)
-        names = [n for n in rb if (include is None or _matches(n, include)) and not _matches(n, exclude)]
-        only_b = [n for n in names if n not in ra]
+        selected = [n for n in rb if (include is None or _matches(n, include)) and not _matches(n, exclude)]
+        only_b = [n for n in selected if n not in ra]
         only_a = [n for n in ra if n not in rb and (include is None or _matches(n, include))]
+        only_a = [n for n in only_a if not _matches(n, exclude)]
         if only_a or only_b:
-            missing = (only_b or only_a)[0]
             raise ValueError(
                 f"the checkpoints hold different tensors ({len(only_b)} only in B, {len(only_a)} only in A, "
-                f"e.g. {missing!r}); are they from one base? Use exclude= to leave tensors out"
+                f"e.g. {(only_b or only_a)[0]!r}); are they from one base? Use exclude= to leave tensors out"
             )
-        deltas, stats = {}, {}
-        for name in names:
-            ta, tb = ra[name].float(), rb[name].float()
-            if ta.shape != tb.shape:
-                if not common_rows or ta.shape[1:] != tb.shape[1:]:
-                    raise ValueError(
-                        f"{name}: shape {tuple(ta.shape)} in A vs {tuple(tb.shape)} in B; exclude it, or pass "
-                        "common_rows=True (--common-rows) for the delta over the rows both have"
-                    )
-                rows = min(ta.shape[0], tb.shape[0])
-                ta, tb = ta[:rows], tb[:rows]
-            delta = ta - tb
-            deltas[name] = delta
-            base_norm = float(tb.norm())
-            stats[name] = {"norm": float(delta.norm()), "relative": float(delta.norm()) / max(base_norm, 1e-12)}
-        if not deltas:
+        if not selected:
             raise ValueError("no tensors selected: check include=/exclude=")
-        meta = {
-            "a": str(a),
-            "b": str(b),
-            "a_hash": ra.content_hash(),
-            "b_hash": rb.content_hash(),
-            "model_type": rb.config().get("model_type"),
-            "stats": stats,
-        }
-        return cls(deltas, meta, rb.config())
+        for name in selected:
+            sa, sb = ra.shape(name), rb.shape(name)
+            if sa != sb and (not common_rows or sa[1:] != sb[1:]):
+                raise ValueError(
+                    f"{name}: shape {sa} in A vs {sb} in B; exclude it, or pass common_rows=True (--common-rows) "
+                    "for the delta over the rows both have"
+                )
+        meta = {"a": str(a), "b": str(b), "model_type": rb.config().get("model_type")}
+        return cls(_Deltas(ra, rb, selected, common_rows), meta, rb.config())
+
+    def _tensor_stats(self) -> dict[str, dict]:
+        """Per tensor: the delta's norm and its norm relative to B's tensor (read once, then kept in metadata)."""
+        if "stats" not in self.metadata:
+            base = self.deltas.b if isinstance(self.deltas, _Deltas) else None
+            stats = {}
+            for name in self.deltas:
+                norm = float(self.deltas[name].norm())
+                ref = float(base[name].float()[: self.deltas.shape(name)[0]].norm()) if base is not None else 0.0
+                stats[name] = {"norm": norm, "relative": norm / ref if ref > 0 else float("nan")}
+            self.metadata["stats"] = stats
+        return self.metadata["stats"]
 
     def stats(self) -> dict:
         """``{"tensors": {name: {norm, relative}}, "layers": {layer: {norm, relative}}}`` (layer None: others)."""
-        per_tensor = self.metadata.get("stats") or {
-            name: {"norm": float(d.float().norm()), "relative": float("nan")} for name, d in self.deltas.items()
-        }
+        per_tensor = self._tensor_stats()
         squares, base_squares = defaultdict(float), defaultdict(float)
         for name, s in per_tensor.items():
             layer = layer_of(name)
@@ -116,13 +143,18 @@ class TaskVector:
         return {"tensors": per_tensor, "layers": layers}
 
     def save(self, out: str | os.PathLike, force: bool = False, max_shard_size: int | str = "5GB") -> Path:
-        """Write the deltas as a checkpoint directory with the metadata in ``task_vector.json``."""
+        """Write the deltas as a checkpoint directory; ``task_vector.json`` names the sources and their hashes."""
+        meta = dict(self.metadata)
+        meta["stats"] = self._tensor_stats()
+        if isinstance(self.deltas, _Deltas):
+            meta["a_hash"], meta["b_hash"] = self.deltas.a.content_hash(), self.deltas.b.content_hash()
         with CheckpointWriter(out, max_shard_size=max_shard_size, force=force) as writer:
-            for name, delta in self.deltas.items():
-                writer.add(name, delta.float())
-            writer.add_file("task_vector.json", json.dumps(self.metadata, indent=1) + "\n")
+            for name in self.deltas:
+                writer.add(name, self.deltas[name].float())
+            writer.add_file("task_vector.json", json.dumps(meta, indent=1) + "\n")
             if self.config:
                 writer.add_file("config.json", json.dumps(self.config, indent=2) + "\n")
+        self.metadata = meta
         return Path(out)
 
     @classmethod
