@@ -153,8 +153,8 @@ def main() -> None:
         print(f"{name:<32}{w:>8.2f}{r:>13.0f}  {note}")
     if MERGEKIT.exists():
         print(
-            f"\nsteerkit / mergekit: wall {rows[0][1] / wall_m:.2f}x (target <= 0.8), peak RSS {rows[0][2] / rss_m:.2f}x "
-            "(target <= 0.8)"
+            f"\nsteerkit / mergekit: wall {rows[0][1] / wall_m:.2f}x (target <= 0.8), "
+            f"peak RSS {rows[0][2] / rss_m:.2f}x (target <= 0.8)"
         )
     else:
         print("\nmergekit: not measured (build its environment with `make bench-env`)")
