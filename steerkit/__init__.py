@@ -3,6 +3,7 @@
 from steerkit.arch import get_blocks, hidden_size, num_layers, residual_writers
 from steerkit.capture import Recorder, capture
 from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
+from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
 from steerkit.steer import generate, steer
@@ -28,9 +29,11 @@ __all__ = [
     "hidden_size",
     "load_model",
     "load_pairs",
+    "load_task",
     "merge",
     "num_layers",
     "persona_pairs",
     "residual_writers",
     "steer",
+    "sweep",
 ]

@@ -164,7 +164,8 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     return ids, mask, positions
 
 
-def _pad_id(tok) -> int:
+def pad_id(tok) -> int:
+    """The id to pad with: pad, else eos, else unk (padding is masked, so any id would do)."""
     for tid in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
         if tid is not None:
             return int(tid)
@@ -239,7 +240,7 @@ def capture(
     with torch.inference_mode(), bar:
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            input_ids, mask, pos = pad_batch([ids[i] for i in index], _pad_id(tok), side)
+            input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
             device = runner.device
             hidden = runner.run(input_ids.to(device), mask.to(device), pos.to(device), unique)
             per_layer = [select_positions(hidden[layer], mask, position, index).float().cpu() for layer in layers]

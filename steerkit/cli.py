@@ -222,6 +222,47 @@ def import_gguf(
     typer.echo(f"wrote {output}: layers {vec.layers}, d_model {vec.d_model}")
 
 
+@app.command()
+def sweep(
+    vector: Annotated[
+        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write; a PNG of the same name is drawn.")],
+    task: Annotated[
+        str | None, typer.Option(help="arithmetic, deduction or induction (adds accuracy and answer mass).")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Instead of a task: a .txt of prompts (one per line).")] = None,
+    model: ModelArg = "smollm2-135m-instruct",
+    alphas: Annotated[str, typer.Option(help="Comma-separated alphas, e.g. '-2,-1,0,1,2'.")] = "-2,-1,0,1,2",
+    layers: Annotated[str | None, typer.Option(help="Layers to steer, each alone (default: the vector's).")] = None,
+    together: Annotated[bool, typer.Option(help="Steer all listed layers at once instead of one at a time.")] = False,
+    n: Annotated[int, typer.Option(help="Task items.")] = 48,
+) -> None:
+    """Sweep alpha (and layer) and measure the first generated token: KL to unsteered, entropy, and for a task
+    accuracy over the answer options and probability mass on correct vs incorrect answers (Hojer et al.)."""
+    import steerkit as sk
+    from steerkit import plots
+    from steerkit.arch import parse_layers
+    from steerkit.evals import write_csv
+
+    if (task is None) == (prompts is None):
+        raise typer.BadParameter("pass exactly one of --task and --prompts")
+    try:
+        alpha_list = [float(a) for a in alphas.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"cannot read alphas {alphas!r}: expected numbers separated by commas") from None
+    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    mdl, tok = sk.load_model(model)
+    layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
+    source = task if task is not None else read_texts(prompts)
+    rows = sk.sweep(mdl, tok, vec, source, alphas=alpha_list, layers=layer_list, together=together, n=n)
+    write_csv(rows, output)
+    plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=output.with_suffix(".png"))
+    for row in rows:
+        typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+
+
 def _parse_layer_alphas(spec: str) -> dict[int, float]:
     """``"0-9:0.5,10:1.5"`` -> {0: 0.5, ..., 9: 0.5, 10: 1.5}."""
     out: dict[int, float] = {}

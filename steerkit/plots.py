@@ -46,3 +46,48 @@ def separation(vector, title: str | None = None, path=None) -> Figure:
     ax1.set_title(title or f"{vector.metadata.get('method', 'vector')}: separation by layer")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def sweep_metrics(rows: list[dict], metrics=("kl", "entropy", "accuracy"), title: str = "", path=None) -> Figure:
+    """One panel per metric: the metric against α, one line per layer (rows from ``steerkit.sweep``)."""
+    metrics = [m for m in metrics if m in rows[0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for layer in layers:
+            sub = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["alpha"])
+            ax.plot([r["alpha"] for r in sub], [r[metric] for r in sub], "o-", label=f"layer {layer}")
+        ax.set(xlabel="α", ylabel=metric, title=metric)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pca_scatter(positive, negative, layer: int | None = None, labels=("positive", "negative"), path=None) -> Figure:
+    """Positive and negative activations ``[n, d]`` projected on the first two principal components of both."""
+    import torch
+
+    both = torch.cat([positive, negative]).double()
+    centred = both - both.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ vh[:2].T).float()
+    n = len(positive)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(xy[:n, 0], xy[:n, 1], s=14, label=labels[0], color="tab:green")
+    ax.scatter(xy[n:, 0], xy[n:, 1], s=14, label=labels[1], color="tab:red")
+    ax.set(xlabel="PC 1", ylabel="PC 2", title="activations" + (f" at layer {layer}" if layer is not None else ""))
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def length_accuracy(points: list[dict], title: str = "concise vector: length vs accuracy", path=None) -> Figure:
+    """Mean completion length against accuracy, one point per setting (``{"label", "length", "accuracy"}``)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for p in points:
+        ax.scatter(p["length"], p["accuracy"], s=30)
+        ax.annotate(p["label"], (p["length"], p["accuracy"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set(xlabel="mean completion length (tokens)", ylabel="accuracy", title=title)
+    fig.tight_layout()
+    return _save(fig, path)

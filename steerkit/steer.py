@@ -19,7 +19,7 @@ from torch import nn
 
 from steerkit import arch
 from steerkit.backends import fingerprint, hf_model, kind
-from steerkit.capture import block_hidden
+from steerkit.capture import block_hidden, pad_batch, pad_id
 from steerkit.vector import SteeringVector
 
 MODES = ("add", "project_out", "clamp")
@@ -223,15 +223,21 @@ def _render(tok, prompt: str, chat: bool) -> str:
 
 
 def _greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
+    """Completions of rendered prompts, left-padded batches (pad_batch: works without a pad token too)."""
     out = []
     device = model.get_input_embeddings().weight.device
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        batch = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids, mask, _ = pad_batch(ids[start : start + batch_size], pad_id(tok), "left")
         with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **gen_kwargs)
-        out += tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id(tok),
+                **gen_kwargs,
+            )
+        out += tok.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
     return out
 
 

@@ -144,3 +144,24 @@ def test_diff_merge_bake_commands(tmp_path, tok):
     torch.testing.assert_close(baked.model.layers[1].mlp.down_proj.bias, torch.full((32,), 0.5))
     result = runner.invoke(cli.app, ["merge", str(base), "--add", "nocolon", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "DIR:ALPHA" in result.output
+
+
+def test_sweep_command_writes_csv_and_png(tmp_path, embedded_dir):
+    import csv
+
+    import torch
+
+    import steerkit as sk
+
+    vec = sk.SteeringVector({10: torch.randn(576)}).save(tmp_path / "v.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a story.\nWhat is two plus two?\n")
+    out = tmp_path / "sweep.csv"
+    result = runner.invoke(cli.app, ["sweep", "-v", str(vec), "--prompts", str(prompts), "--alphas", "0,5",
+                                     "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["alpha"] for r in rows] == ["0.0", "5.0"] and float(rows[1]["kl"]) > 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(cli.app, ["sweep", "-v", str(vec), "--task", "algebra", "-o", str(tmp_path / "x.csv")])
+    assert isinstance(bad.exception, ValueError) and "valid tasks" in str(bad.exception)
