@@ -222,7 +222,7 @@ def _render(tok, prompt: str, chat: bool) -> str:
     return prompt
 
 
-def _greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
+def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
     """Completions of rendered prompts, left-padded batches (pad_batch: works without a pad token too)."""
     out = []
     device = model.get_input_embeddings().weight.device
@@ -269,11 +269,11 @@ def generate(
         _check_alpha(alpha)
     rendered = [_render(tok, p, chat) for p in prompts]
     gen_kwargs.setdefault("do_sample", False)
-    plain = _greedy(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
+    plain = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
     rows = [{"prompt": p, "unsteered": u} for p, u in zip(prompts, plain, strict=True)]
     if vector is not None:
         with steer(model, vector, alpha, layers=layers, positions=positions, mode=mode):
-            steered = _greedy(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
+            steered = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
         for row, text in zip(rows, steered, strict=True):
             row["steered"] = text
     return rows

@@ -1,0 +1,321 @@
+"""Evidence that control vectors work on the embedded model, each beside a prompting baseline.
+
+Writes artifacts/steering_effect/{report.md, *.csv, *.png}. All vectors are mean differences of the bundled
+sets' train splits; steering is at block LAYER (chosen before measuring: the demo's layer), all positions.
+  * separation: held-out AUROC per layer for sentiment, concise, reasoning;
+  * sentiment: lexicon score and distinct-token ratio of greedy completions of neutral prompts over α,
+    against a system prompt asking for joy / misery;
+  * concise: mean completion length on open questions and free-form arithmetic accuracy over α, against a
+    system prompt asking for brevity;
+  * reasoning: first-token accuracy, KL and entropy over α on arithmetic and deduction (Højer et al.).
+
+Run: .venv/bin/python bench/steering_effect.py   (about 15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.simplefilter("ignore")
+
+import torch  # noqa: E402
+
+import steerkit as sk  # noqa: E402
+from steerkit import plots  # noqa: E402
+from steerkit._io import atomic_path  # noqa: E402
+from steerkit.evals import load_task, prompt, score, write_csv  # noqa: E402
+from steerkit.steer import completions  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "artifacts" / "steering_effect"
+LAYER = 10
+
+POSITIVE = set(
+    "happy joy joyful glad delighted wonderful great amazing love lovely loved excited exciting fun beautiful "
+    "bright smile smiling laugh laughter cheerful grateful fantastic excellent perfect warm sunny celebrate "
+    "celebration thrilled awesome brilliant pleasant enjoy enjoyed enjoying best hope hopeful peaceful "
+    "delightful magical vibrant positive good kind sweet adventure inspiring inspired proud favorite".split()
+)
+NEGATIVE = set(
+    "sad unhappy miserable sorrow grief cry crying tears lonely alone pain painful hurt hate angry anger "
+    "terrible awful horrible bad worse worst dark gloomy gloom despair depressed depressing tired exhausted "
+    "afraid fear scared anxious worried worry broken lost regret bitter cold empty hopeless dread suffering "
+    "suffer sick stress stressful disappointed disappointing boring difficult hard struggle struggling".split()
+)
+NEUTRAL_PROMPTS = [
+    "Tell me about your weekend.",
+    "How was the movie?",
+    "Describe your morning.",
+    "What did you eat today?",
+    "Write a note to a friend.",
+    "What is your favourite season?",
+    "Describe a walk in the park.",
+    "How is work going?",
+    "Tell me about your neighbourhood.",
+    "What did you do yesterday?",
+    "Describe the weather today.",
+    "Tell me about a book you read.",
+    "How was the trip?",
+    "Describe your kitchen.",
+    "What are your plans for tonight?",
+    "Tell me about your family.",
+    "Describe a train journey.",
+    "What happened at school today?",
+    "Tell me about your garden.",
+    "How was the concert?",
+    "Describe your commute.",
+    "Tell me about your best friend.",
+    "What do you think of the city?",
+    "Describe a rainy afternoon.",
+    "How did the meeting go?",
+    "Tell me about your first job.",
+    "Describe the view from your window.",
+    "What was dinner like?",
+    "Tell me about the holidays.",
+    "Describe a visit to the market.",
+    "How was your birthday?",
+    "Tell me about the new neighbours.",
+]
+OPEN_QUESTIONS = [
+    "Why is the sky blue?",
+    "How do plants grow?",
+    "What is photosynthesis?",
+    "Why do we have seasons?",
+    "How does a bicycle work?",
+    "What causes rain?",
+    "Why do cats purr?",
+    "How do airplanes fly?",
+    "What is the internet?",
+    "Why is exercise healthy?",
+    "How are rainbows made?",
+    "What is gravity?",
+    "How do bees make honey?",
+    "Why do leaves change colour?",
+    "What is a volcano?",
+    "How does a fridge work?",
+    "Why do we sleep?",
+    "What is electricity?",
+    "How do fish breathe?",
+    "Why is the ocean salty?",
+    "What is a computer?",
+    "How does the heart work?",
+    "Why do stars shine?",
+    "What is democracy?",
+]
+
+
+def lexicon_score(text: str) -> float:
+    words = re.findall(r"[a-z]+", text.lower())
+    return (sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)) / max(len(words), 1)
+
+
+def distinct_ratio(tok, text: str) -> float:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return len(set(ids)) / max(len(ids), 1)
+
+
+def chat(tok, question: str, system: str | None = None) -> str:
+    return prompt(tok, question, prefix="", system=system)
+
+
+def complete(model, tok, prompts, tokens, vector=None, alpha=0.0):
+    """Greedy completions, steered at LAYER when a vector and a nonzero α are given."""
+    if vector is None or alpha == 0:
+        return completions(model, tok, prompts, tokens, 16, do_sample=False)
+    with sk.steer(model, vector.select([LAYER]), alpha):
+        return completions(model, tok, prompts, tokens, 16, do_sample=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and α values (a smoke run)")
+    args = parser.parse_args()
+    start = time.time()
+    OUT.mkdir(parents=True, exist_ok=True)
+    model, tok = sk.load_model("smollm2-135m-instruct")
+    layers = list(range(1, sk.num_layers(model)))
+    vectors = {
+        name: sk.extract(model, tok, sk.load_pairs(name), layers=layers)
+        for name in ("sentiment", "concise", "reasoning")
+    }
+    report = [
+        "# Steering effect on smollm2-135m-instruct",
+        "",
+        f"Mean-difference vectors from the bundled sets' train splits; steering at block {LAYER}, all positions, "
+        "greedy decoding. Command: `.venv/bin/python bench/steering_effect.py`.",
+        "",
+    ]
+
+    # --- separation ----------------------------------------------------------------------------
+    report += [
+        "## Separation (held-out AUROC of the projection)",
+        "",
+        f"| set | best layer | AUROC there | AUROC at layer {LAYER} | min over layers 1-29 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, vec in vectors.items():
+        best = vec.best_layers(1)[0]
+        report.append(
+            f"| {name} | {best} | {vec.separation[best]:.3f} | {vec.separation[LAYER]:.3f} | "
+            f"{min(vec.separation.values()):.3f} |"
+        )
+        plots.separation(vec, title=f"{name}: held-out AUROC by layer", path=OUT / f"separation_{name}.png")
+    pairs = sk.load_pairs("sentiment", split="test")
+    acts = sk.capture(model, tok, [p.positive for p in pairs] + [p.negative for p in pairs], [LAYER])[:, 0]
+    plots.pca_scatter(
+        acts[: len(pairs)],
+        acts[len(pairs) :],
+        layer=LAYER,
+        labels=("joyful", "miserable"),
+        path=OUT / "pca_sentiment.png",
+    )
+
+    # --- sentiment -----------------------------------------------------------------------------
+    neutral = NEUTRAL_PROMPTS[:8] if args.quick else NEUTRAL_PROMPTS
+    alphas = [-1.0, 0.0, 1.0] if args.quick else [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    rendered = [chat(tok, p) for p in neutral]
+    rows = []
+    for alpha in alphas:
+        texts = complete(model, tok, rendered, 40, vectors["sentiment"], alpha)
+        rows.append(
+            {
+                "setting": f"alpha={alpha:g}",
+                "alpha": alpha,
+                "sentiment": sum(map(lexicon_score, texts)) / len(texts),
+                "distinct_ratio": sum(distinct_ratio(tok, t) for t in texts) / len(texts),
+                "example": texts[0].strip().replace("\n", " ")[:90],
+            }
+        )
+    for label, system in (
+        ("prompt: joyful", "You are extremely happy and joyful. Everything delights you."),
+        ("prompt: miserable", "You are deeply sad and miserable. Everything disappoints you."),
+    ):
+        texts = completions(model, tok, [chat(tok, p, system) for p in neutral], 40, 16, do_sample=False)
+        rows.append(
+            {
+                "setting": label,
+                "alpha": float("nan"),
+                "sentiment": sum(map(lexicon_score, texts)) / len(texts),
+                "distinct_ratio": sum(distinct_ratio(tok, t) for t in texts) / len(texts),
+                "example": texts[0].strip().replace("\n", " ")[:90],
+            }
+        )
+    write_csv(rows, OUT / "sentiment.csv")
+    steered = [r for r in rows if r["setting"].startswith("alpha")]
+    monotone = all(a["sentiment"] < b["sentiment"] for a, b in zip(steered, steered[1:], strict=False))
+    report += [
+        "",
+        f"## Sentiment ({len(neutral)} neutral prompts, 40 tokens)",
+        "",
+        "Lexicon score = (positive − negative words) / words, mean over completions.",
+        "",
+        "| setting | sentiment | distinct-token ratio | first completion |",
+        "| --- | --- | --- | --- |",
+    ]
+    report += [f"| {r['setting']} | {r['sentiment']:+.4f} | {r['distinct_ratio']:.2f} | {r['example']} |" for r in rows]
+    report += ["", f"Strictly increasing in α over {len(steered)} values: **{monotone}**."]
+
+    # --- concise ------------------------------------------------------------------------------
+    questions = OPEN_QUESTIONS[:8] if args.quick else OPEN_QUESTIONS
+    items = load_task("arithmetic", n=16 if args.quick else 48, steps=1, seed=7)
+    c_alphas = [0.0, 1.0] if args.quick else [0.0, 0.5, 1.0, 1.5, 2.0]
+    brief = "Answer as briefly as possible."
+    rows = []
+
+    def measure(label, alpha, system=None):
+        qs = [chat(tok, q, system) for q in questions]
+        texts = (
+            complete(model, tok, qs, 96, vectors["concise"], alpha)
+            if system is None
+            else completions(model, tok, qs, 96, 16, do_sample=False)
+        )
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        ps = [chat(tok, it.question, system) for it in items]
+        answers = (
+            complete(model, tok, ps, 48, vectors["concise"], alpha)
+            if system is None
+            else completions(model, tok, ps, 48, 16, do_sample=False)
+        )
+        scored = [score(a, it) for a, it in zip(answers, items, strict=True)]
+        rows.append(
+            {
+                "setting": label,
+                "alpha": alpha,
+                "mean_length": sum(lengths) / len(lengths),
+                "accuracy": sum(c for c, _ in scored) / len(scored),
+                "unparsed": sum(p is None for _, p in scored),
+                "example": texts[0].strip().replace("\n", " ")[:90],
+            }
+        )
+
+    for alpha in c_alphas:
+        measure(f"alpha={alpha:g}", alpha)
+    measure("prompt: brief", float("nan"), brief)
+    write_csv(rows, OUT / "concise.csv")
+    base = rows[0]
+    plots.length_accuracy(
+        [{"label": r["setting"], "length": r["mean_length"], "accuracy": r["accuracy"]} for r in rows],
+        path=OUT / "concise_length_accuracy.png",
+    )
+    report += [
+        "",
+        f"## Concise ({len(questions)} open questions, up to 96 tokens; {len(items)} one-step arithmetic "
+        "problems, free-form, 48 tokens, final number scored)",
+        "",
+        "| setting | mean length | vs α=0 | arithmetic accuracy | vs α=0 (points) | unparsed | first completion |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        report.append(
+            f"| {r['setting']} | {r['mean_length']:.1f} | {r['mean_length'] / base['mean_length'] - 1:+.0%} | "
+            f"{r['accuracy']:.3f} | {100 * (r['accuracy'] - base['accuracy']):+.1f} | {r['unparsed']} | "
+            f"{r['example']} |"
+        )
+    ok = [
+        r["setting"]
+        for r in rows
+        if r["mean_length"] <= 0.7 * base["mean_length"] and r["accuracy"] >= base["accuracy"] - 0.05
+    ]
+    report += ["", f"Settings with ≥ 30% shorter answers and ≤ 5 points accuracy loss: **{ok or 'none'}**."]
+
+    # --- reasoning ----------------------------------------------------------------------------
+    r_alphas = [-1.0, 0.0, 1.0] if args.quick else [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
+    r_layers = [LAYER] if args.quick else [6, LAYER, 16]
+    report += ["", "## Reasoning vector: first-token metrics (Højer et al.)", ""]
+    for task, kwargs in (("arithmetic", {"steps": 2}), ("deduction", {})):
+        task_items = load_task(task, n=24 if args.quick else 48, seed=3, **kwargs)
+        rows = sk.sweep(model, tok, vectors["reasoning"], task_items, alphas=r_alphas, layers=r_layers)
+        write_csv(rows, OUT / f"reasoning_{task}.csv")
+        plots.sweep_metrics(
+            rows,
+            metrics=("accuracy", "kl", "entropy", "mass_correct"),
+            title=f"reasoning vector on {task}",
+            path=OUT / f"reasoning_{task}.png",
+        )
+        report += [
+            f"### {task} ({len(task_items)} items, 4 options)",
+            "",
+            "| layer | α | accuracy | KL | entropy | mass correct | mass incorrect |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        report += [
+            f"| {r['layer']} | {r['alpha']:g} | {r['accuracy']:.3f} | {r['kl']:.4f} | {r['entropy']:.3f} | "
+            f"{r['mass_correct']:.3f} | {r['mass_incorrect']:.3f} |"
+            for r in rows
+        ]
+        report.append("")
+    report.append(f"Total time: {time.time() - start:.0f} s.")
+    with atomic_path(OUT / "report.md") as tmp:
+        tmp.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    print(f"\nwrote {OUT}/report.md\nreproduce: .venv/bin/python bench/steering_effect.py")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
