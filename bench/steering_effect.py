@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -33,20 +32,11 @@ from steerkit.evals import load_task, prompt, score, write_csv  # noqa: E402
 from steerkit.steer import completions  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "artifacts" / "steering_effect"
-LAYER = 10
+LAYER = 10  # the demo's layer: separation table and reasoning sweeps
+# Chosen on separate development prompts (not the ones measured here), by looking at a grid of layers and α:
+SENTIMENT_LAYERS = [8]
+CONCISE_SETTINGS = [([4], 0.5), ([4], 1.0), ([4], 1.5), ([4], 2.0), (list(range(2, 7)), 0.5)]
 
-POSITIVE = set(
-    "happy joy joyful glad delighted wonderful great amazing love lovely loved excited exciting fun beautiful "
-    "bright smile smiling laugh laughter cheerful grateful fantastic excellent perfect warm sunny celebrate "
-    "celebration thrilled awesome brilliant pleasant enjoy enjoyed enjoying best hope hopeful peaceful "
-    "delightful magical vibrant positive good kind sweet adventure inspiring inspired proud favorite".split()
-)
-NEGATIVE = set(
-    "sad unhappy miserable sorrow grief cry crying tears lonely alone pain painful hurt hate angry anger "
-    "terrible awful horrible bad worse worst dark gloomy gloom despair depressed depressing tired exhausted "
-    "afraid fear scared anxious worried worry broken lost regret bitter cold empty hopeless dread suffering "
-    "suffer sick stress stressful disappointed disappointing boring difficult hard struggle struggling".split()
-)
 NEUTRAL_PROMPTS = [
     "Tell me about your weekend.",
     "How was the movie?",
@@ -109,9 +99,17 @@ OPEN_QUESTIONS = [
 ]
 
 
+_VADER = None
+
+
 def lexicon_score(text: str) -> float:
-    words = re.findall(r"[a-z]+", text.lower())
-    return (sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)) / max(len(words), 1)
+    """VADER's compound score in [-1, 1] (a standard sentiment lexicon with rules for negation and emphasis)."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER.polarity_scores(text)["compound"]
 
 
 def distinct_ratio(tok, text: str) -> float:
@@ -123,11 +121,11 @@ def chat(tok, question: str, system: str | None = None) -> str:
     return prompt(tok, question, prefix="", system=system)
 
 
-def complete(model, tok, prompts, tokens, vector=None, alpha=0.0):
-    """Greedy completions, steered at LAYER when a vector and a nonzero α are given."""
+def complete(model, tok, prompts, tokens, vector=None, alpha=0.0, layers=(LAYER,)):
+    """Greedy completions, steered at ``layers`` when a vector and a nonzero α are given."""
     if vector is None or alpha == 0:
         return completions(model, tok, prompts, tokens, 16, do_sample=False)
-    with sk.steer(model, vector.select([LAYER]), alpha):
+    with sk.steer(model, vector.select(layers), alpha):
         return completions(model, tok, prompts, tokens, 16, do_sample=False)
 
 
@@ -146,8 +144,8 @@ def main() -> None:
     report = [
         "# Steering effect on smollm2-135m-instruct",
         "",
-        f"Mean-difference vectors from the bundled sets' train splits; steering at block {LAYER}, all positions, "
-        "greedy decoding. Command: `.venv/bin/python bench/steering_effect.py`.",
+        "Mean-difference vectors from the bundled sets' train splits; steering at all positions; greedy decoding; "
+        "each section names its layers. Command: `.venv/bin/python bench/steering_effect.py`.",
         "",
     ]
 
@@ -177,11 +175,11 @@ def main() -> None:
 
     # --- sentiment -----------------------------------------------------------------------------
     neutral = NEUTRAL_PROMPTS[:8] if args.quick else NEUTRAL_PROMPTS
-    alphas = [-1.0, 0.0, 1.0] if args.quick else [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    alphas = [-1.0, 0.0, 1.0] if args.quick else [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
     rendered = [chat(tok, p) for p in neutral]
     rows = []
     for alpha in alphas:
-        texts = complete(model, tok, rendered, 40, vectors["sentiment"], alpha)
+        texts = complete(model, tok, rendered, 40, vectors["sentiment"], alpha, SENTIMENT_LAYERS)
         rows.append(
             {
                 "setting": f"alpha={alpha:g}",
@@ -212,7 +210,8 @@ def main() -> None:
         "",
         f"## Sentiment ({len(neutral)} neutral prompts, 40 tokens)",
         "",
-        "Lexicon score = (positive − negative words) / words, mean over completions.",
+        f"Steering at layers {SENTIMENT_LAYERS}. Sentiment = VADER compound score in [-1, 1] (a standard lexicon), "
+        "mean over completions; distinct-token ratio = unique / all tokens of a completion (low: repetition).",
         "",
         "| setting | sentiment | distinct-token ratio | first completion |",
         "| --- | --- | --- | --- |",
@@ -223,24 +222,15 @@ def main() -> None:
     # --- concise ------------------------------------------------------------------------------
     questions = OPEN_QUESTIONS[:8] if args.quick else OPEN_QUESTIONS
     items = load_task("arithmetic", n=16 if args.quick else 48, steps=1, seed=7)
-    c_alphas = [0.0, 1.0] if args.quick else [0.0, 0.5, 1.0, 1.5, 2.0]
     brief = "Answer as briefly as possible."
     rows = []
 
-    def measure(label, alpha, system=None):
+    def measure(label, alpha, layers=(LAYER,), system=None):
         qs = [chat(tok, q, system) for q in questions]
-        texts = (
-            complete(model, tok, qs, 96, vectors["concise"], alpha)
-            if system is None
-            else completions(model, tok, qs, 96, 16, do_sample=False)
-        )
+        texts = complete(model, tok, qs, 96, vectors["concise"], alpha, layers)
         lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
         ps = [chat(tok, it.question, system) for it in items]
-        answers = (
-            complete(model, tok, ps, 48, vectors["concise"], alpha)
-            if system is None
-            else completions(model, tok, ps, 48, 16, do_sample=False)
-        )
+        answers = complete(model, tok, ps, 48, vectors["concise"], alpha, layers)
         scored = [score(a, it) for a, it in zip(answers, items, strict=True)]
         rows.append(
             {
@@ -253,9 +243,11 @@ def main() -> None:
             }
         )
 
-    for alpha in c_alphas:
-        measure(f"alpha={alpha:g}", alpha)
-    measure("prompt: brief", float("nan"), brief)
+    measure("alpha=0", 0.0)
+    for layers_, alpha in CONCISE_SETTINGS[:1] if args.quick else CONCISE_SETTINGS:
+        span = f"{layers_[0]}-{layers_[-1]}" if len(layers_) > 1 else str(layers_[0])
+        measure(f"layers {span}, alpha={alpha:g}", alpha, layers_)
+    measure("prompt: brief", 0.0, system=brief)
     write_csv(rows, OUT / "concise.csv")
     base = rows[0]
     plots.length_accuracy(
@@ -264,8 +256,8 @@ def main() -> None:
     )
     report += [
         "",
-        f"## Concise ({len(questions)} open questions, up to 96 tokens; {len(items)} one-step arithmetic "
-        "problems, free-form, 48 tokens, final number scored)",
+        f"## Concise (settings chosen on 6 separate questions; {len(questions)} open questions, up to 96 tokens; "
+        f"{len(items)} one-step arithmetic problems, free-form, 48 tokens, final number scored)",
         "",
         "| setting | mean length | vs α=0 | arithmetic accuracy | vs α=0 (points) | unparsed | first completion |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -286,7 +278,7 @@ def main() -> None:
     # --- reasoning ----------------------------------------------------------------------------
     r_alphas = [-1.0, 0.0, 1.0] if args.quick else [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
     r_layers = [LAYER] if args.quick else [6, LAYER, 16]
-    report += ["", "## Reasoning vector: first-token metrics (Højer et al.)", ""]
+    report += ["", f"## Reasoning vector: first-token metrics (Højer et al.), layers {r_layers}", ""]
     for task, kwargs in (("arithmetic", {"steps": 2}), ("deduction", {})):
         task_items = load_task(task, n=24 if args.quick else 48, seed=3, **kwargs)
         rows = sk.sweep(model, tok, vectors["reasoning"], task_items, alphas=r_alphas, layers=r_layers)

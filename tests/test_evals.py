@@ -90,6 +90,16 @@ def test_score_free_form():
     assert parse_answer("it is 3.50 dollars", numeric=True) == "3.5"
 
 
+def test_grade_counts_unparsed():
+    from steerkit.evals import grade
+
+    items = load_task("arithmetic", n=3, seed=2)
+    result = grade([f" {items[0].answer}", " no idea", " 100000"], items)
+    assert result == {"accuracy": 1 / 3, "correct": 1, "unparsed": 1, "n": 3}
+    with pytest.raises(ValueError, match="one each"):
+        grade([" 1"], items)
+
+
 def test_prompt_and_option_tokens(tok):
     num = load_task("arithmetic", n=1)[0]
     text = prompt(tok, num)

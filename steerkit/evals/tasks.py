@@ -154,3 +154,16 @@ def score(generation: str, item: Item) -> tuple[bool, str | None]:
     """(correct, parsed answer) for a free-form completion; an answer that cannot be parsed is wrong."""
     parsed = parse_answer(generation, numeric=item.numeric)
     return parsed == item.answer.lower(), parsed
+
+
+def grade(generations: list[str], items: list[Item]) -> dict:
+    """Accuracy of free-form completions, with the count of completions that held no parsable answer."""
+    if len(generations) != len(items) or not items:
+        raise ValueError(f"got {len(generations)} generations for {len(items)} items: expected one each (and some)")
+    scored = [score(g, it) for g, it in zip(generations, items, strict=True)]
+    return {
+        "accuracy": sum(c for c, _ in scored) / len(scored),
+        "correct": sum(c for c, _ in scored),
+        "unparsed": sum(p is None for _, p in scored),
+        "n": len(scored),
+    }
