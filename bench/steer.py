@@ -24,21 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.simplefilter("ignore")
 
 import torch  # noqa: E402
+from steering_effect import NEUTRAL_PROMPTS  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import steerkit as sk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPENG_PY = ROOT / "bench" / ".venv-repeng" / "bin" / "python"
-PROMPTS = [
-    "Tell me about your weekend.",
-    "How was the movie?",
-    "Describe your morning.",
-    "What did you eat today?",
-    "Write a note to a friend.",
-    "What is your favourite season?",
-    "Describe a walk in the park.",
-    "How is work?",
-]
+PROMPTS = NEUTRAL_PROMPTS[:8]  # the steering-effect bench's neutral prompts
 
 
 def timed(fn) -> float:

@@ -70,6 +70,13 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError(f"cannot read the hidden size from config of type {type(config).__name__}")
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position scheme allows (None if the config does not say)."""
+    config = unwrap(model).config
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _resolve(root: nn.Module, path: str) -> nn.Module | None:
     obj = root
     for part in path.split("."):

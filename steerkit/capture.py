@@ -95,9 +95,7 @@ class _HFRunner:
         self.n_layers = (
             arch.num_layers(self.model) if self.blocks is None else len(arch.get_blocks(self.model, self.blocks))
         )
-        config = arch.unwrap(self.model).config
-        config = getattr(config, "text_config", None) or config
-        self.context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.context_length = arch.context_length(self.model)
 
     @property
     def device(self) -> torch.device:

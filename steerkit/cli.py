@@ -15,6 +15,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+VectorOpt = Annotated[
+    Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
+]
+LayersOpt = Annotated[str | None, typer.Option(help="Only these of the vector's layers, e.g. '10' or '8-12'.")]
 ModelArg = Annotated[
     str, typer.Option("--model", "-m", help="Embedded model name (see `steerkit models`), checkpoint dir or hub id.")
 ]
@@ -149,17 +153,13 @@ def extract(
 
 @app.command()
 def generate(
-    vector: Annotated[
-        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
-    ],
+    vector: VectorOpt,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")],
     model: ModelArg = "smollm2-135m-instruct",
     alpha: Annotated[
         str, typer.Option(help="Steering strength α (h += α·v); negative values steer the other way.")
     ] = "1.0",
-    layers: Annotated[
-        str | None, typer.Option(help="Steer only these of the vector's layers, e.g. '10' or '8-12'.")
-    ] = None,
+    layers: LayersOpt = None,
     positions: Annotated[str, typer.Option(help="'all', 'prompt', 'generated' or a start index.")] = "all",
     mode: Annotated[str, typer.Option(help="add, project_out or clamp.")] = "add",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
@@ -169,7 +169,7 @@ def generate(
     import steerkit as sk
     from steerkit.arch import parse_layers
 
-    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    vec = sk.SteeringVector.load(vector)
     mdl, tok = sk.load_model(model)
     layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
     pos = int(positions) if positions.isdigit() else positions
@@ -224,9 +224,7 @@ def import_gguf(
 
 @app.command()
 def sweep(
-    vector: Annotated[
-        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
-    ],
+    vector: VectorOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write; a PNG of the same name is drawn.")],
     task: Annotated[
         str | None, typer.Option(help="arithmetic, deduction or induction (adds accuracy and answer mass).")
@@ -251,7 +249,7 @@ def sweep(
         alpha_list = [float(a) for a in alphas.split(",")]
     except ValueError:
         raise typer.BadParameter(f"cannot read alphas {alphas!r}: expected numbers separated by commas") from None
-    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    vec = sk.SteeringVector.load(vector)
     mdl, tok = sk.load_model(model)
     layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
     source = task if task is not None else read_texts(prompts)
@@ -350,16 +348,12 @@ def merge(
 @app.command()
 def bake(
     base: Annotated[str, typer.Argument(help="Base checkpoint directory (or embedded model name).")],
-    vector: Annotated[
-        Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
-    ],
+    vector: VectorOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
     alpha: Annotated[
         str, typer.Option(help="Steering strength: the checkpoint adds alpha * v at every position.")
     ] = "1.0",
-    layers: Annotated[
-        str | None, typer.Option(help="Bake only these of the vector's layers, e.g. '10' or '8-12'.")
-    ] = None,
+    layers: LayersOpt = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -371,7 +365,7 @@ def bake(
     import steerkit as sk
     from steerkit.arch import parse_layers
 
-    vec = sk.SteeringVector.from_gguf(vector) if vector.suffix == ".gguf" else sk.SteeringVector.load(vector)
+    vec = sk.SteeringVector.load(vector)
     chosen = parse_layers(layers, max(vec.layers) + 1) if layers else None
     sk.bake(base, vec, _parse_alpha(alpha), output, layers=chosen, max_shard_size=max_shard_size, force=force)
     typer.echo(f"wrote {output}")

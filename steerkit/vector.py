@@ -170,7 +170,11 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
+        """Read a steerkit safetensors vector, or a llama.cpp control vector when the name ends in ``.gguf``."""
         from safetensors import SafetensorError, safe_open
+
+        if str(path).endswith(".gguf"):
+            return cls.from_gguf(path)
 
         try:
             with safe_open(str(path), "pt") as f:

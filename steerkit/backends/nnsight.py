@@ -31,8 +31,7 @@ class NNsightRunner:
         self.model = model
         self.blocks = blocks_envoy(model, blocks)
         self.n_layers = len(arch.get_blocks(model._module, blocks))
-        config = model._module.config
-        self.context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.context_length = arch.context_length(model._module)
         self.tokenizer = getattr(model, "tokenizer", None)
 
     @property
