@@ -112,6 +112,17 @@ def lexicon_score(text: str) -> float:
     return _VADER.polarity_scores(text)["compound"]
 
 
+def longest_increasing_run(values: list[float]) -> range:
+    """Indices of the longest contiguous run over which ``values`` strictly increase."""
+    best, start = range(0, 1), 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] <= values[i - 1]:
+            if i - start > len(best):
+                best = range(start, i)
+            start = i
+    return best
+
+
 def distinct_ratio(tok, text: str) -> float:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return len(set(ids)) / max(len(ids), 1)
@@ -205,7 +216,8 @@ def main() -> None:
         )
     write_csv(rows, OUT / "sentiment.csv")
     steered = [r for r in rows if r["setting"].startswith("alpha")]
-    monotone = all(a["sentiment"] < b["sentiment"] for a, b in zip(steered, steered[1:], strict=False))
+    run = longest_increasing_run([r["sentiment"] for r in steered])
+    alphas_run = [steered[i]["alpha"] for i in run]
     report += [
         "",
         f"## Sentiment ({len(neutral)} neutral prompts, 40 tokens)",
@@ -217,7 +229,11 @@ def main() -> None:
         "| --- | --- | --- | --- |",
     ]
     report += [f"| {r['setting']} | {r['sentiment']:+.4f} | {r['distinct_ratio']:.2f} | {r['example']} |" for r in rows]
-    report += ["", f"Strictly increasing in α over {len(steered)} values: **{monotone}**."]
+    report += [
+        "",
+        f"Longest run of α values over which the score strictly increases: **{len(run)} values, "
+        f"α = {alphas_run[0]:g} … {alphas_run[-1]:g}** (of {len(steered)} measured).",
+    ]
 
     # --- concise ------------------------------------------------------------------------------
     questions = OPEN_QUESTIONS[:8] if args.quick else OPEN_QUESTIONS
@@ -239,6 +255,7 @@ def main() -> None:
                 "mean_length": sum(lengths) / len(lengths),
                 "accuracy": sum(c for c, _ in scored) / len(scored),
                 "unparsed": sum(p is None for _, p in scored),
+                "distinct_ratio": sum(distinct_ratio(tok, t) for t in texts) / len(texts),
                 "example": texts[0].strip().replace("\n", " ")[:90],
             }
         )
@@ -259,14 +276,15 @@ def main() -> None:
         f"## Concise (settings chosen on 6 separate questions; {len(questions)} open questions, up to 96 tokens; "
         f"{len(items)} one-step arithmetic problems, free-form, 48 tokens, final number scored)",
         "",
-        "| setting | mean length | vs α=0 | arithmetic accuracy | vs α=0 (points) | unparsed | first completion |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | mean length | vs α=0 | distinct-token ratio | arithmetic accuracy | vs α=0 (points) | unparsed "
+        "| first completion |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         report.append(
             f"| {r['setting']} | {r['mean_length']:.1f} | {r['mean_length'] / base['mean_length'] - 1:+.0%} | "
-            f"{r['accuracy']:.3f} | {100 * (r['accuracy'] - base['accuracy']):+.1f} | {r['unparsed']} | "
-            f"{r['example']} |"
+            f"{r['distinct_ratio']:.2f} | {r['accuracy']:.3f} | {100 * (r['accuracy'] - base['accuracy']):+.1f} | "
+            f"{r['unparsed']} | {r['example']} |"
         )
     ok = [
         r["setting"]
