@@ -7,7 +7,7 @@ from pathlib import Path
 import steerkit as sk
 
 PROMPTS = ["Tell me about your weekend.", "How was the movie?", "Describe your morning."]
-LAYER, ALPHA = 10, 1.0
+LAYER, ALPHA = 8, 0.5  # the cleanest setting in bench/steering_effect.py (sentiment +0.91 at +0.5)
 OUT = Path("artifacts/sentiment.safetensors")
 
 
