@@ -24,6 +24,11 @@ ModelArg = Annotated[
 ]
 
 
+def _parse_position(value: str) -> str | int:
+    """A token position from the command line: a name such as 'last', or an int index such as -1."""
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "-"
@@ -91,7 +96,7 @@ def capture(
     items = read_texts(texts)
     mdl, tok = sk.load_model(model)
     layer_list = parse_layers(layers, sk.num_layers(mdl))
-    pos = int(position) if position.lstrip("-").isdigit() else position
+    pos = _parse_position(position)
     result = sk.capture(
         mdl, tok, items, layer_list, position=pos, batch_size=batch_size, truncate=truncate, progress=True
     )
@@ -139,7 +144,7 @@ def extract(
     mdl, tok = sk.load_model(model)
     items = sk.load_pairs(pairs)
     layer_list = parse_layers(layers, sk.num_layers(mdl))
-    pos = int(position) if position.lstrip("-").isdigit() else position
+    pos = _parse_position(position)
     vec = sk.extract(mdl, tok, items, layer_list, method=method, position=pos, batch_size=batch_size, progress=True)
     vec.save(output)
     typer.echo(f"{'layer':>5} {'AUROC':>6} {'norm':>8}")
@@ -172,7 +177,7 @@ def generate(
     vec = sk.SteeringVector.load(vector)
     mdl, tok = sk.load_model(model)
     layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
-    pos = int(positions) if positions.isdigit() else positions
+    pos = _parse_position(positions)
     a = _parse_alpha(alpha)
     rows = sk.generate(
         mdl,

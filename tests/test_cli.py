@@ -157,8 +157,9 @@ def test_sweep_command_writes_csv_and_png(tmp_path, embedded_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me a story.\nWhat is two plus two?\n")
     out = tmp_path / "sweep.csv"
-    result = runner.invoke(cli.app, ["sweep", "-v", str(vec), "--prompts", str(prompts), "--alphas", "0,5",
-                                     "-o", str(out)])
+    result = runner.invoke(
+        cli.app, ["sweep", "-v", str(vec), "--prompts", str(prompts), "--alphas", "0,5", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
     assert [r["alpha"] for r in rows] == ["0.0", "5.0"] and float(rows[1]["kl"]) > 0
