@@ -241,8 +241,11 @@ def sweep(
     together: Annotated[bool, typer.Option(help="Steer all listed layers at once instead of one at a time.")] = False,
     n: Annotated[int, typer.Option(help="Task items.")] = 48,
 ) -> None:
-    """Sweep alpha (and layer) and measure the first generated token: KL to unsteered, entropy, and for a task
-    accuracy over the answer options and probability mass on correct vs incorrect answers (Hojer et al.)."""
+    """Sweep alpha (and layer) and measure the first generated token, writing a CSV and a figure.
+
+    Metrics (Hojer et al.): KL to the unsteered distribution and entropy; with a task also accuracy over
+    the answer options and probability mass on the correct vs the incorrect answers.
+    """
     import steerkit as sk
     from steerkit import plots
     from steerkit.arch import parse_layers
