@@ -23,7 +23,7 @@ warnings.simplefilter("ignore")
 import torch  # noqa: E402
 
 import steerkit as sk  # noqa: E402
-from steerkit.capture import pad_batch, tokenize  # noqa: E402
+from steerkit.capture import length_batches, pad_batch, tokenize  # noqa: E402
 
 WORDS = (
     "the a river mountain city quiet bright old young teacher garden window morning evening story letter road "
@@ -68,10 +68,8 @@ def main() -> None:
     all_layers = list(range(n_layers))
 
     ids = tokenize(tok, texts, None, False)
-    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
     batches = [
-        pad_batch([ids[i] for i in order[s : s + args.batch_size]], tok.pad_token_id, "right")
-        for s in range(0, len(order), args.batch_size)
+        pad_batch([ids[i] for i in index], tok.pad_token_id, "right") for index in length_batches(ids, args.batch_size)
     ]
     n_tokens = sum(len(row) for row in ids)
     print(

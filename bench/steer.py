@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from steering_effect import NEUTRAL_PROMPTS  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import steerkit as sk  # noqa: E402
+from steerkit.models import chat_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPENG_PY = ROOT / "bench" / ".venv-repeng" / "bin" / "python"
@@ -104,10 +105,7 @@ def main() -> None:
     )
     for batch in (1, 8):
         enc = tok(
-            [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in PROMPTS[:batch]
-            ],
+            [chat_prompt(tok, p) for p in PROMPTS[:batch]],
             return_tensors="pt",
             padding=True,
             padding_side="left",

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
-from steerkit.evals import load_task, prompt, score, write_csv  # noqa: E402
+from steerkit.evals import load_task, score, write_csv  # noqa: E402
+from steerkit.models import chat_prompt  # noqa: E402
 from steerkit.steer import completions  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "artifacts" / "steering_effect"
@@ -128,10 +129,6 @@ def distinct_ratio(tok, text: str) -> float:
     return len(set(ids)) / max(len(ids), 1)
 
 
-def chat(tok, question: str, system: str | None = None) -> str:
-    return prompt(tok, question, prefix="", system=system)
-
-
 def complete(model, tok, prompts, tokens, vector=None, alpha=0.0, layers=(LAYER,)):
     """Greedy completions, steered at ``layers`` when a vector and a nonzero α are given."""
     if vector is None or alpha == 0:
@@ -187,7 +184,7 @@ def main() -> None:
     # --- sentiment -----------------------------------------------------------------------------
     neutral = NEUTRAL_PROMPTS[:8] if args.quick else NEUTRAL_PROMPTS
     alphas = [-1.0, 0.0, 1.0] if args.quick else [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
-    rendered = [chat(tok, p) for p in neutral]
+    rendered = [chat_prompt(tok, p) for p in neutral]
     rows = []
     for alpha in alphas:
         texts = complete(model, tok, rendered, 40, vectors["sentiment"], alpha, SENTIMENT_LAYERS)
@@ -204,7 +201,7 @@ def main() -> None:
         ("prompt: joyful", "You are extremely happy and joyful. Everything delights you."),
         ("prompt: miserable", "You are deeply sad and miserable. Everything disappoints you."),
     ):
-        texts = completions(model, tok, [chat(tok, p, system) for p in neutral], 40, 16, do_sample=False)
+        texts = completions(model, tok, [chat_prompt(tok, p, system) for p in neutral], 40, 16, do_sample=False)
         rows.append(
             {
                 "setting": label,
@@ -242,10 +239,10 @@ def main() -> None:
     rows = []
 
     def measure(label, alpha, layers=(LAYER,), system=None):
-        qs = [chat(tok, q, system) for q in questions]
+        qs = [chat_prompt(tok, q, system) for q in questions]
         texts = complete(model, tok, qs, 96, vectors["concise"], alpha, layers)
         lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        ps = [chat(tok, it.question, system) for it in items]
+        ps = [chat_prompt(tok, it.question, system) for it in items]
         answers = complete(model, tok, ps, 48, vectors["concise"], alpha, layers)
         scored = [score(a, it) for a, it in zip(answers, items, strict=True)]
         rows.append(

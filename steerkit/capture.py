@@ -162,6 +162,12 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     return ids, mask, positions
 
 
+def length_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``ids`` grouped into batches of similar length (shortest first), so padding costs little."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def pad_id(tok) -> int:
     """The id to pad with: pad, else eos, else unk (padding is masked, so any id would do)."""
     for tid in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
@@ -230,14 +236,12 @@ def capture(
     layers = _check_layers(layers, runner.n_layers)
     ids = tokenize(tok, texts, max_length or runner.context_length, truncate)
     side = runner.padding_side or getattr(tok, "padding_side", "right")
-    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
     unique = sorted(set(layers))
     out: list[torch.Tensor | None] = [None] * len(texts)
-    n_batches = (len(texts) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches, desc="capture", disable=(not progress) if progress is not None else None)
+    batches = length_batches(ids, batch_size)
+    bar = tqdm(total=len(batches), desc="capture", disable=(not progress) if progress is not None else None)
     with torch.inference_mode(), bar:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for index in batches:
             input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
             device = runner.device
             hidden = runner.run(input_ids.to(device), mask.to(device), pos.to(device), unique)

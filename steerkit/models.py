@@ -161,6 +161,15 @@ def load_model(
     return model, tok
 
 
+def chat_prompt(tok, user: str, system: str | None = None) -> str:
+    """A user turn (after an optional system turn) through the tokenizer's chat template, ready for the
+    assistant's reply; without a template, the plain text followed by a newline."""
+    if getattr(tok, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (system + "\n" if system else "") + user + "\n"
+
+
 def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give a tokenizer without a pad token its EOS (or UNK) token as pad, so batches can be padded."""
     if tok.pad_token is None:

@@ -9,8 +9,6 @@ absolute positions under KV-cache generation. Weights are never touched; hooks g
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +16,10 @@ import torch
 from torch import nn
 
 from steerkit import arch
+from steerkit._checks import finite
 from steerkit.backends import fingerprint, hf_model, kind
 from steerkit.capture import block_hidden, pad_batch, pad_id
+from steerkit.models import chat_prompt
 from steerkit.vector import SteeringVector
 
 MODES = ("add", "project_out", "clamp")
@@ -135,12 +135,6 @@ def _targets(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     return model, [block.hook_resid_post for block in model.blocks]  # HookedTransformer
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise ValueError(f"alpha={alpha!r}: expected a finite number")
-    return float(alpha)
-
-
 def _check_positions(positions) -> str | int:
     if positions in POSITION_NAMES or (
         isinstance(positions, int) and not isinstance(positions, bool) and positions >= 0
@@ -176,7 +170,7 @@ def steer(
                 stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm))
             yield model
         return
-    alpha = _check_alpha(alpha)
+    alpha = finite(alpha)
     positions = _check_positions(positions)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
@@ -215,11 +209,8 @@ def steer(
 
 
 def _render(tok, prompt: str, chat: bool) -> str:
-    if chat and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+    """The prompt through the chat template when asked for and the tokenizer has one; else as given."""
+    return chat_prompt(tok, prompt) if chat and getattr(tok, "chat_template", None) else prompt
 
 
 def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
@@ -266,7 +257,7 @@ def generate(
     if not prompts:
         raise ValueError("prompts is empty")
     if vector is not None:  # fail before generating anything
-        _check_alpha(alpha)
+        finite(alpha)
     rendered = [_render(tok, p, chat) for p in prompts]
     gen_kwargs.setdefault("do_sample", False)
     plain = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerkit.models import chat_prompt
+
 DATA_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "test")
 
@@ -102,12 +104,7 @@ def persona_pairs(
         raise ValueError("suffixes is empty")
 
     def render(persona: str, suffix: str) -> str:
-        messages = [{"role": "user", "content": template.format(persona=persona)}]
-        if getattr(tok, "chat_template", None):
-            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = messages[0]["content"] + "\n"
-        return prompt + suffix
+        return chat_prompt(tok, template.format(persona=persona)) + suffix
 
     pairs = []
     for suffix in suffixes:

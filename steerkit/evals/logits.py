@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steerkit.capture import pad_batch, pad_id, tokenize
+from steerkit.capture import length_batches, pad_batch, pad_id, tokenize
 
 
 def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -20,13 +20,11 @@ def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 16
     if not prompts:
         raise ValueError("prompts is empty")
     ids = tokenize(tok, prompts, None, False, add_special_tokens=False)
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out: list[torch.Tensor | None] = [None] * len(prompts)
     device = model.get_input_embeddings().weight.device
     side = getattr(tok, "padding_side", "right")
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for index in length_batches(ids, batch_size):
             input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
             logits = model(
                 input_ids=input_ids.to(device),

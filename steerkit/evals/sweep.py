@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from collections.abc import Sequence
 
+from steerkit._checks import finite
 from steerkit._io import atomic_path
 from steerkit.evals.logits import answer_metrics, entropy, kl, next_token_logprobs, option_token_ids
 from steerkit.evals.tasks import Item, load_task, prompt
@@ -16,13 +16,10 @@ from steerkit.vector import SteeringVector
 
 
 def _check_alphas(alphas) -> list[float]:
-    alphas = list(alphas)
+    alphas = [finite(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
     if not alphas:
         raise ValueError("alphas is empty")
-    for a in alphas:
-        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a):
-            raise ValueError(f"alpha {a!r} in alphas is not a finite number")
-    return [float(a) for a in alphas]
+    return alphas
 
 
 def sweep(

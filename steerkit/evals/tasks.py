@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from steerkit.models import chat_prompt
+
 ANSWER_PREFIX = "The answer is"
 NAMES = ["Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Grace", "Ivan", "Lena", "Kofi", "Nina"]
 ITEMS = ["apples", "marbles", "books", "stickers", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
@@ -129,12 +131,7 @@ def prompt(tok, item_or_question: Item | str, prefix: str = ANSWER_PREFIX, syste
     question = item_or_question.question if isinstance(item_or_question, Item) else item_or_question
     if prefix and isinstance(item_or_question, Item) and item_or_question.numeric:
         prefix += " "
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = (system + "\n" if system else "") + question + "\n"
-    return text + prefix if prefix else text
+    return chat_prompt(tok, question, system) + prefix
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -17,17 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from steerkit import arch
+from steerkit._checks import finite
 from steerkit.vector import SteeringVector
 from steerkit.weights.checkpoint import CheckpointWriter
 from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, layer_of
 
 METHODS = ("task_arithmetic", "ties", "dare")
-
-
-def _finite(alpha, what: str = "alpha") -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise ValueError(f"{what}={alpha!r}: expected a finite number")
-    return float(alpha)
 
 
 def _shape(deltas: Mapping, name: str) -> tuple[int, ...]:
@@ -127,8 +122,8 @@ def merge(
     loaded = []
     for vec, alpha in vectors:
         tv = vec if isinstance(vec, TaskVector) else TaskVector.load(vec)
-        loaded.append((tv, _finite(alpha)))
-    scales = {int(k): _finite(v, f"alpha_by_layer[{k}]") for k, v in (alpha_by_layer or {}).items()}
+        loaded.append((tv, finite(alpha)))
+    scales = {int(k): finite(v, f"alpha_by_layer[{k}]") for k, v in (alpha_by_layer or {}).items()}
     # Validate everything before a byte is written.
     for tv, _ in loaded:
         source = tv.metadata.get("a") or "a task vector"
@@ -183,7 +178,7 @@ def bake(
     Llama-family models through ``mlp_bias`` (zero gate/up/down biases elsewhere), GPT-2 and GPT-NeoX
     through the biases they already have. Architectures that cannot carry it raise an error.
     """
-    alpha = _finite(alpha)
+    alpha = finite(alpha)
     reader = _reader(base)
     config = reader.config()
     model_type = config.get("model_type")
