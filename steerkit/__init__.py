@@ -3,9 +3,11 @@
 from steerkit.arch import get_blocks, hidden_size, num_layers, residual_writers
 from steerkit.capture import Recorder, capture
 from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
+from steerkit.data.corpus import load_corpus
 from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
+from steerkit.sae import evaluate_sae, load_sae, splice, train_sae
 from steerkit.steer import generate, steer
 from steerkit.vector import SteeringVector
 from steerkit.weights import TaskVector, bake, merge
@@ -23,17 +25,22 @@ __all__ = [
     "bundled_sets",
     "capture",
     "embedded_checkpoint",
+    "evaluate_sae",
     "extract",
     "generate",
     "get_blocks",
     "hidden_size",
+    "load_corpus",
     "load_model",
     "load_pairs",
+    "load_sae",
     "load_task",
     "merge",
     "num_layers",
     "persona_pairs",
     "residual_writers",
+    "splice",
     "steer",
     "sweep",
+    "train_sae",
 ]

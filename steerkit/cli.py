@@ -379,6 +379,84 @@ def bake(
     typer.echo(f"wrote {output}")
 
 
+CorpusOpt = Annotated[
+    str,
+    typer.Option(help="'default' (embedded offline prose), a .txt / .jsonl file or folder, or a dataset name."),
+]
+
+
+@app.command("train-sae")
+def train_sae(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (sae-lens format).")],
+    layer: Annotated[str, typer.Option(help="Block whose output the SAE reads; several, e.g. '6,13': one each.")],
+    model: ModelArg = "smollm2-135m-instruct",
+    corpus: CorpusOpt = "default",
+    arch: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or standard (ReLU + L1).")] = "topk",
+    d_sae: Annotated[int | None, typer.Option(help="Latents (default 8 x the model's width).")] = None,
+    k: Annotated[float, typer.Option(help="Active latents per token (TopK's k, JumpReLU's target L0).")] = 32,
+    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
+    ctx_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Activations per SAE step.")] = 1024,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 2e-4*sqrt(16384/d_sae)).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N tokens.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+) -> None:
+    """Train a sparse autoencoder on a block's output, writing a directory sae-lens loads.
+
+    Activations come from steerkit's own capture on the transformers model (no TransformerLens). Also
+    writes training_log.json and training_curves.png (explained variance, L0, dead fraction over tokens).
+    """
+    import steerkit as sk
+    from steerkit import plots
+
+    if output.exists() and not force:
+        raise typer.BadParameter(f"{output} exists; pass --force to replace it", param_hint="--output")
+    mdl, tok = sk.load_model(model)
+    layers = [int(x) for x in layer.split(",")] if "," in layer else int(layer)
+    result = sk.train_sae(
+        mdl, tok, sk.load_corpus(corpus), layers, arch=arch, d_sae=d_sae, k=k, tokens=tokens, ctx_len=ctx_len,
+        batch_size=batch_size, lr=lr, out=output, checkpoint_every=checkpoint_every, resume=resume,
+    )  # fmt: skip
+    saes = result if isinstance(result, dict) else {layers: result}
+    for value, sae in saes.items():
+        folder = output if len(saes) == 1 else output / f"layer_{value}"
+        plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=folder / "training_curves.png")
+        last = sae.training_log[-1]
+        typer.echo(
+            f"layer {value}: explained variance {last['explained_variance']:.3f}, L0 {last['l0']:.1f}, "
+            f"dead {last['dead_fraction']:.1%} -> {folder}"
+        )
+
+
+@app.command("eval-sae")
+def eval_sae(
+    sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format).")],
+    layer: Annotated[int, typer.Option(help="The block it reads.")],
+    model: ModelArg = "smollm2-135m-instruct",
+    corpus: CorpusOpt = "default",
+    tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON file for the metrics.")] = None,
+) -> None:
+    """Evaluate an SAE on held-out text: explained variance, MSE, L0, dead / dense latents, CE loss recovered
+    and KL score when spliced in (against zero-ablating the block). Draws the latent-frequency histogram
+    beside the JSON."""
+    import steerkit as sk
+    from steerkit import plots
+    from steerkit._io import atomic_path
+
+    mdl, tok = sk.load_model(model)
+    metrics = sk.evaluate_sae(mdl, tok, sk.load_sae(sae), layer, sk.load_corpus(corpus), tokens=tokens)
+    frequency = metrics.pop("latent_frequency")
+    for key, value in metrics.items():
+        typer.echo(f"{key:>20}: {value:.4g}")
+    if output is not None:
+        with atomic_path(output) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=1))
+        plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=output.with_suffix(".png"))
+        typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one clear line and exit code 2, not a traceback."""
     try:

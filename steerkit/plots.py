@@ -91,3 +91,32 @@ def length_accuracy(points: list[dict], title: str = "concise vector: length vs 
     ax.set(xlabel="mean completion length (tokens)", ylabel="accuracy", title=title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def sae_training(log: list[dict], title: str = "SAE training", path=None) -> Figure:
+    """Explained variance, L0 and dead fraction against training tokens (``sae.training_log``)."""
+    tokens = [row["tokens"] for row in log]
+    panels = (("explained_variance", "explained variance"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.plot(tokens, [row[key] for row in log], "-", color="tab:blue")
+        ax.set(xlabel="training tokens", ylabel=label, title=label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latent_frequency(frequency, title: str = "latent firing frequency", path=None) -> Figure:
+    """Histogram of log10 firing frequency per latent; dead latents (never fired) are counted at the left."""
+    import torch
+
+    freq = torch.as_tensor(frequency).double()
+    dead = int((freq == 0).sum())
+    logs = freq[freq > 0].log10().tolist()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(logs, bins=50, color="tab:blue")
+    ax.axvline(-1, color="tab:red", linestyle="--", label="dense (10% of tokens)")
+    ax.set(xlabel="log10 firing frequency", ylabel="latents", title=f"{title} ({dead} dead of {len(freq)})")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)

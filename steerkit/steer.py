@@ -36,7 +36,7 @@ class _Step:
     prompt_len: int  # columns below this are the prompt
 
 
-class _Tracker:
+class PositionTracker:
     """Forward pre-hook on the model's top module; records the shape of the current step."""
 
     def __init__(self):
@@ -127,7 +127,7 @@ def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_
     return new
 
 
-def _targets(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+def hook_targets(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     """(top module for the tracker, one module per block whose output is block *i*'s residual stream)."""
     inner = hf_model(model)
     if inner is not None:
@@ -180,8 +180,8 @@ def steer(
     missing = [layer for layer in chosen if layer not in vector]
     if missing:
         raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
-    top, blocks = _targets(model)
-    tracker = _Tracker()
+    top, blocks = hook_targets(model)
+    tracker = PositionTracker()
     cache: dict = {}
 
     def make_hook(layer: int):

@@ -93,3 +93,11 @@ TEXTS = [
     "A much longer sentence that goes on and on about nothing in particular at all.",
     "Paris is the capital of France, and Rome is the capital of Italy.",
 ]
+
+
+@pytest.fixture(scope="session")
+def default_corpus():
+    """The embedded offline corpus (built once, about 20 s, then cached)."""
+    from steerkit.data.corpus import load_corpus
+
+    return load_corpus("default")

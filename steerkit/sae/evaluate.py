@@ -1,0 +1,124 @@
+"""How good an SAE is on held-out text: reconstruction, sparsity, and what splicing it in costs the model.
+
+Per held-out batch the model runs three times: clean (recording block *layer*), with the SAE spliced in,
+and with the block's output zero-ablated. CE loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean);
+KL score = 1 − KL(clean‖sae) / KL(clean‖zero). Positions are the tokens after the first, except
+outliers above the SAE's recorded norm (neither is replaced, see ``splice``); next-token losses are
+taken from the second position on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerkit import arch
+from steerkit.backends import fingerprint
+from steerkit.capture import Recorder
+from steerkit.data.corpus import Corpus
+from steerkit.sae.io import check_sae, load_sae, recorded_max_norm
+from steerkit.sae.splice import replace_output, splice
+
+DENSE_ABOVE = 0.1  # a latent firing on more than 10% of tokens counts as dense
+
+
+def _ce_and_kl(logits: torch.Tensor, clean_logp: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Summed next-token CE of ``logits`` and summed KL(clean ‖ logits) over positions."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).sum()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    return float(ce), float(kl)
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model: nn.Module,
+    tok,
+    sae,
+    layer: int,
+    corpus: Corpus,
+    tokens: int = 32_768,
+    ctx_len: int | None = None,
+    batch_size: int = 16,
+    max_norm: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Metrics of ``sae`` at block ``layer`` on ``corpus``' held-out split (about ``tokens`` tokens).
+
+    Returns floats ``explained_variance``, ``mse`` (per element), ``l0``, ``dead_fraction`` (never fired
+    on these tokens), ``dense_fraction`` (fired on > 10%), ``ce_loss_clean`` / ``_spliced`` / ``_zero``,
+    ``ce_loss_recovered``, ``kl_spliced``, ``kl_zero``, ``kl_score``, ``tokens``, and the tensor
+    ``latent_frequency`` (fraction of tokens each latent fired on). Tokens above ``max_norm`` (default: the
+    SAE's recorded outlier norm) are neither replaced nor scored; ``outlier_fraction`` says how many.
+    """
+    sae = load_sae(sae)
+    check_sae(sae, model)
+    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+    ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
+    device = model.get_input_embeddings().weight.device
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    sums = {"sq_err": 0.0, "sq": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
+    sums.update(kl_sae=0.0, kl_zero=0.0)
+    x_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    n_acts = n_preds = outliers = 0
+    max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+    bar = tqdm(total=tokens, unit="tok", desc=f"evaluating SAE at layer {layer}", disable=not progress)
+    for batch in corpus.batches(tok, ctx_len, batch_size, "heldout"):
+        if n_acts >= tokens:
+            break
+        ids = batch.to(device)
+        with Recorder(model, [layer]) as rec:
+            clean = model(input_ids=ids, use_cache=False).logits[:, 1:-1]
+        x = rec[layer][:, 1:].reshape(-1, sae.cfg.d_in).float()
+        inlier = x.norm(dim=-1) <= (max_norm or float("inf"))
+        outliers += int((~inlier).sum())
+        x = x[inlier]
+        acts = sae.encode(x.to(sae.dtype))
+        recon = sae.decode(acts).float()
+        sums["sq_err"] += float((recon - x).pow(2).sum())
+        sums["sq"] += float(x.double().pow(2).sum())
+        x_sum += x.double().sum(0)
+        active = acts > 0
+        sums["l0"] += float(active.sum())
+        fires += active.sum(0).cpu()
+        n_acts += x.shape[0]
+
+        targets = ids[:, 2:]
+        clean_logp = F.log_softmax(clean.float(), dim=-1)
+        sums["ce_clean"] += float(-clean_logp.gather(-1, targets.unsqueeze(-1)).sum())
+        with splice(model, sae, layer, max_norm=max_norm):
+            ce, kl = _ce_and_kl(model(input_ids=ids, use_cache=False).logits[:, 1:-1], clean_logp, targets)
+        sums["ce_sae"] += ce
+        sums["kl_sae"] += kl
+        with replace_output(model, layer, torch.zeros_like, max_norm=max_norm):
+            ce, kl = _ce_and_kl(model(input_ids=ids, use_cache=False).logits[:, 1:-1], clean_logp, targets)
+        sums["ce_zero"] += ce
+        sums["kl_zero"] += kl
+        n_preds += targets.numel()
+        bar.update(x.shape[0])
+    bar.close()
+    if n_acts == 0:
+        raise ValueError(f"corpus {corpus.name!r} gave no held-out tokens to evaluate on")
+    total_var = sums["sq"] - float(x_sum.pow(2).sum()) / n_acts
+    ce_clean, ce_sae, ce_zero = (sums[k] / n_preds for k in ("ce_clean", "ce_sae", "ce_zero"))
+    kl_sae, kl_zero = sums["kl_sae"] / n_preds, sums["kl_zero"] / n_preds
+    frequency = fires.double() / n_acts
+    return {
+        "explained_variance": 1 - sums["sq_err"] / total_var,
+        "mse": sums["sq_err"] / (n_acts * sae.cfg.d_in),
+        "l0": sums["l0"] / n_acts,
+        "dead_fraction": float((fires == 0).double().mean()),
+        "dense_fraction": float((frequency > DENSE_ABOVE).double().mean()),
+        "ce_loss_clean": ce_clean,
+        "ce_loss_spliced": ce_sae,
+        "ce_loss_zero": ce_zero,
+        "ce_loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+        "kl_spliced": kl_sae,
+        "kl_zero": kl_zero,
+        "kl_score": 1 - kl_sae / kl_zero,
+        "tokens": n_acts,
+        "outlier_fraction": outliers / (n_acts + outliers),
+        "latent_frequency": frequency.float(),
+    }

@@ -1,0 +1,51 @@
+"""Load sae-lens SAE directories with errors that say what is wrong, and check an SAE fits a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from steerkit.backends import fingerprint
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def load_sae(sae_or_path, device: str = "cpu"):
+    """A ``sae_lens.SAE`` from a directory (``cfg.json`` + ``sae_weights.safetensors``); an SAE passes through."""
+    if isinstance(sae_or_path, nn.Module):
+        return sae_or_path
+    path = Path(sae_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no SAE directory at {path}: expected a folder with {CFG_FILE} and {WEIGHTS_FILE}")
+    missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"{path} is not a sae-lens SAE directory: {', '.join(missing)} missing")
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / CFG_FILE} is not valid JSON ({err})") from err
+    if not isinstance(cfg, dict) or not {"architecture", "d_in", "d_sae"} <= cfg.keys():
+        raise ValueError(f"{path / CFG_FILE} lacks architecture / d_in / d_sae")
+    from sae_lens import SAE
+
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except Exception as err:  # safetensors header errors, missing or mis-shaped tensors, unknown architecture
+        raise ValueError(f"cannot load the SAE in {path}: {type(err).__name__}: {err}") from err
+
+
+def check_sae(sae, model: nn.Module) -> None:
+    """Raise ValueError unless the SAE's ``d_in`` equals the model's residual width."""
+    width = fingerprint(model)["hidden_size"]
+    if sae.cfg.d_in != width:
+        raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has width {width}")
+
+
+def recorded_max_norm(sae) -> float | None:
+    """The activation norm above which ``train_sae`` treated a token as an outlier (attention sink), if recorded."""
+    info = sae.cfg.metadata.get("steerkit") or {}
+    value = info.get("max_norm") if isinstance(info, dict) else None
+    return float(value) if value is not None else None

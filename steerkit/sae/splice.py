@@ -1,0 +1,91 @@
+"""Splice an SAE into a model: block *layer*'s output becomes the SAE's reconstruction.
+
+Works on transformers, TransformerLens and nnsight models (the hook sits on the same module ``steer`` uses).
+Padding is never replaced, and by default neither is each row's first real token nor a token whose norm is
+above the SAE's recorded outlier norm: attention sinks (on SmolLM2 the first token has ~170× the median
+norm, and now and then the second or third too) are not reconstructed by a residual-stream SAE, and the SAEs
+``train_sae`` writes never saw them. ``error_term=True`` adds back x − x̂ (without gradient), so the output
+equals the original while gradients flow through the SAE, as sae-lens' ``use_error_term``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from steerkit import arch
+from steerkit.backends import fingerprint
+from steerkit.capture import block_hidden
+from steerkit.sae.io import check_sae, load_sae, recorded_max_norm
+from steerkit.steer import PositionTracker, hook_targets
+
+
+def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction of ``x`` in ``x``'s dtype (the SAE runs in its own dtype)."""
+    return sae.decode(sae.encode(x.to(sae.dtype))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def replace_output(
+    model: nn.Module,
+    layer: int,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    skip_first: bool = True,
+    max_norm: float | None = None,
+) -> Iterator[nn.Module]:
+    """Block ``layer``'s output h becomes ``fn(h)`` on real tokens (from the second one with ``skip_first``),
+    except where ‖h‖ exceeds ``max_norm``."""
+    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+    top, blocks = hook_targets(model)
+    tracker = PositionTracker()
+    positions = 1 if skip_first else "all"
+
+    def hook(_module, _inputs, output):
+        h = block_hidden(output)
+        new = fn(h)
+        selected = tracker.selection(h, positions)
+        if max_norm is not None:
+            small = h.norm(dim=-1) <= max_norm
+            selected = small if selected is None else selected & small
+        if selected is not None:
+            new = torch.where(selected.unsqueeze(-1), new, h)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handles = [top.register_forward_pre_hook(tracker, with_kwargs=True)]
+    try:
+        handles.append(blocks[layer].register_forward_hook(hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def splice(
+    model: nn.Module,
+    sae,
+    layer: int,
+    error_term: bool = False,
+    skip_first: bool = True,
+    grad_through_sae: bool = True,
+    max_norm: float | None = None,
+) -> contextlib.AbstractContextManager[nn.Module]:
+    """Replace block ``layer``'s output by ``sae``'s reconstruction inside the ``with`` block.
+
+    ``sae``: a ``sae_lens.SAE`` or a directory sae-lens can load. ``grad_through_sae=False`` runs the SAE
+    under ``no_grad`` (Resa's released code: nothing at or below the layer then gets a gradient).
+    Tokens whose norm exceeds ``max_norm`` (default: the outlier norm ``train_sae`` recorded, if any)
+    keep their activation; pass ``float("inf")`` to replace them too.
+    """
+    sae = load_sae(sae)
+    check_sae(sae, model)
+    max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(grad_through_sae and torch.is_grad_enabled()):
+            new = reconstruct(sae, h)
+        return new + (h - new).detach() if error_term else new
+
+    return replace_output(model, layer, fn, skip_first, max_norm)

@@ -1,0 +1,410 @@
+"""Train sparse autoencoders on block outputs of any transformers model, with sae-lens' SAE classes.
+
+The loop, in one screen: read packed sequences from a corpus, run the model up to the deepest requested
+block (``Recorder(stop=True)``), drop each sequence's first position and any token above 5× the median norm
+(attention sinks: on SmolLM2 the first token has ~170× the median norm, and now and then the second or
+third; 4 tokens in 10,000 held 92% of the variance), push the activations through a shuffling buffer, and
+take Adam steps on ``TrainingSAE.training_forward_pass``. Activations are scaled to mean norm √d_in while
+training; the scale is folded into the weights on save, so the saved SAE takes raw activations. TopK and
+BatchTopK get AuxK on latents dead for ``dead_window`` tokens; JumpReLU its pre-activation loss; ReLU+L1 its
+L1 warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerkit._io import atomic_path
+from steerkit.arch import hidden_size, num_layers, validate_layer
+from steerkit.backends import fingerprint
+from steerkit.backends.tlens import hook_name
+from steerkit.capture import Recorder
+from steerkit.data.corpus import Corpus
+from steerkit.sae.io import load_sae
+
+ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
+OUTLIER_FACTOR = 5.0  # a token whose norm exceeds 5× the median is an outlier (attention sink)
+
+
+def _classes(name: str):
+    """sae-lens' (TrainingSAE, TrainingSAEConfig) for an architecture name."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return {
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+        "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
+    }[name]
+
+
+def _arch_options(name: str, k: float, steps: int) -> dict:
+    """Per-architecture defaults: ``k`` is the target L0 of every sparse architecture."""
+    warm = max(1, steps // 20)
+    if name in ("topk", "batchtopk"):
+        return {"k": k, "aux_loss_coefficient": 1.0 / 32}
+    if name == "jumprelu":
+        return {
+            "jumprelu_sparsity_loss_mode": "quadratic",
+            "target_l0": float(k),
+            "l0_coefficient": 1.0,
+            "l0_warm_up_steps": warm,
+            "pre_act_loss_coefficient": 3e-6,
+        }
+    return {"l1_coefficient": 5.0, "l1_warm_up_steps": warm}
+
+
+# --- activations -------------------------------------------------------------------------------------------
+
+
+class ShuffleBuffer:
+    """Mixes activations from many sequences: fill to capacity, shuffle, hand out half, keep half."""
+
+    def __init__(self, capacity: int, batch_size: int, generator: torch.Generator):
+        self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
+        self.rows: list[dict[int, torch.Tensor]] = []
+        self.store: dict[int, torch.Tensor] | None = None
+        self.size = 0
+
+    def add(self, acts: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+        """Add ``{layer: [n, d]}`` rows; yield batches once the buffer is full."""
+        if self.store is None:
+            self.store = {layer: x.new_empty(self.capacity, x.shape[1]) for layer, x in acts.items()}
+        n = next(iter(acts.values())).shape[0]
+        start = 0
+        while start < n:
+            take = min(n - start, self.capacity - self.size)
+            for layer, x in acts.items():
+                self.store[layer][self.size : self.size + take] = x[start : start + take]
+            self.size += take
+            start += take
+            if self.size == self.capacity:
+                yield from self._emit(self.capacity // 2)
+
+    def drain(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Yield what is left, shuffled, in full batches (a last partial batch is dropped)."""
+        yield from self._emit(self.size)
+
+    def _emit(self, count: int) -> Iterator[dict[int, torch.Tensor]]:
+        assert self.store is not None
+        perm = torch.randperm(self.size, generator=self.generator)
+        for layer in self.store:
+            self.store[layer][: self.size] = self.store[layer][perm]
+        usable = count - count % self.batch_size
+        for start in range(0, usable, self.batch_size):
+            yield {layer: x[start : start + self.batch_size].clone() for layer, x in self.store.items()}
+        keep = self.size - usable
+        for layer in self.store:
+            self.store[layer][:keep] = self.store[layer][usable : self.size].clone()
+        self.size = keep
+
+
+def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{layer: [b * (s - 1), d]}`` float32 outputs of ``layers`` on packed ``batch`` (first position dropped)."""
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad(), Recorder(model, layers, stop=True) as rec:
+        model(input_ids=batch.to(device), use_cache=False)
+    out = {}
+    for layer in layers:
+        h = rec[layer][:, 1:].reshape(-1, rec[layer].shape[-1]).float()
+        if not torch.isfinite(h).all():
+            raise ValueError(f"non-finite activations at layer {layer}: the model produced NaN or inf")
+        out[layer] = h
+    return out
+
+
+# --- one SAE being trained ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One layer's SAE, optimiser and running statistics."""
+
+    layer: int
+    sae: nn.Module
+    optimizer: torch.optim.Optimizer
+    scale: float | None = None
+    max_norm: float | None = None  # activations above this norm are outliers (attention sinks), not trained on
+    since_fired: torch.Tensor | None = None  # tokens since each latent last fired
+    history: list[dict] = field(default_factory=list)
+
+    def step(self, x: torch.Tensor, step: int, total_steps: int, lr: float, dead_window: int) -> dict:
+        from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+
+        if self.since_fired is None:
+            self.since_fired = torch.zeros(self.sae.cfg.d_sae)
+        for group in self.optimizer.param_groups:  # constant, then linear decay over the last 20%
+            group["lr"] = lr * min(1.0, (total_steps - step) / max(1, total_steps // 5))
+        coefficients = {}
+        for name, c in self.sae.get_coefficients().items():
+            if isinstance(c, TrainCoefficientConfig):
+                coefficients[name] = c.value * min(1.0, (step + 1) / max(1, c.warm_up_steps))
+            else:
+                coefficients[name] = c
+        x = x * self.scale
+        self.sae.train()
+        out = self.sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients=coefficients,
+                dead_neuron_mask=self.since_fired > dead_window,
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            active = out.feature_acts.detach() > 0
+            self.since_fired += x.shape[0]
+            self.since_fired[active.any(0)] = 0
+            residual = (out.sae_out - x).pow(2).sum()
+            total = (x - x.mean(0)).pow(2).sum()
+            return {
+                "step": step + 1,
+                "loss": float(out.loss),
+                "mse": float(out.losses["mse_loss"]) / x.shape[1],
+                "explained_variance": float(1 - residual / total),
+                "l0": float(active.sum(-1).float().mean()),
+                "dead_fraction": float((self.since_fired > dead_window).float().mean()),
+            }
+
+
+def _new_run(arch_name: str, layer: int, d_in: int, d_sae: int, options: dict, lr: float, meta: dict) -> _Run:
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae_cls, cfg_cls = _classes(arch_name)
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(**meta, hook_name=hook_name(layer)), **options)
+    sae = sae_cls(cfg)
+    return _Run(layer, sae, torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999)))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        for layer, run in runs.items():
+            save_file(
+                {k: v.contiguous() for k, v in run.sae.state_dict().items()}, str(tmp / f"sae_{layer}.safetensors")
+            )
+            torch.save(
+                {
+                    "optimizer": run.optimizer.state_dict(),
+                    "since_fired": run.since_fired,
+                    "scale": run.scale,
+                    "max_norm": run.max_norm,
+                    "history": run.history,
+                },
+                tmp / f"trainer_{layer}.pt",
+            )
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    differs = {k: (state["config"].get(k), v) for k, v in expect.items() if state["config"].get(k) != v}
+    if differs:
+        raise ValueError(f"checkpoint {path} was made with other settings (saved, now): {differs}")
+    for layer, run in runs.items():
+        run.sae.load_state_dict(load_file(str(path / f"sae_{layer}.safetensors")))
+        saved = torch.load(path / f"trainer_{layer}.pt", weights_only=False)
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.since_fired, run.scale, run.history = saved["since_fired"], saved["scale"], saved["history"]
+        run.max_norm = saved["max_norm"]
+    return state
+
+
+# --- the public entry point -------------------------------------------------------------------------------------
+
+
+def train_sae(
+    model: nn.Module,
+    tok,
+    corpus: Corpus,
+    layer: int | Sequence[int],
+    arch: str = "topk",
+    d_sae: int | None = None,
+    k: float = 32,
+    tokens: int = 2_000_000,
+    ctx_len: int = 128,
+    batch_size: int = 1024,
+    model_batch: int = 32,
+    lr: float | None = None,
+    dead_window: int = 500_000,
+    buffer_tokens: int = 131_072,
+    out: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    **arch_options,
+):
+    """Train an SAE on block ``layer``'s output (a list of layers: one SAE each, from one pass of the model).
+
+    Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
+    wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
+    ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
+    2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
+    an interrupted run (from the next unread sequence). ``arch_options`` go to sae-lens' training config.
+    """
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if not layers:
+        raise ValueError("layer is empty: expected a block index or a list of them")
+    single = isinstance(layer, int)
+    n_layers = num_layers(model)
+    layers = [validate_layer(value, n_layers) for value in layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} repeat a block")
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"corpus must be a steerkit Corpus (see load_corpus), got {type(corpus).__name__}")
+    d_in = hidden_size(model)
+    d_sae = 8 * d_in if d_sae is None else d_sae
+    for name, value in {"d_sae": d_sae, "tokens": tokens, "batch_size": batch_size, "model_batch": model_batch}.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if not (isinstance(k, int | float) and 0 < k <= d_sae):
+        raise ValueError(f"k={k!r}: expected a number in (0, d_sae={d_sae}]")
+    if (checkpoint_every or resume) and out is None:
+        raise ValueError("checkpoint_every and resume need out= (checkpoints go to {out}.ckpt)")
+    out = Path(out) if out is not None else None
+    ckpt = out.with_name(out.name + ".ckpt") if out is not None else None
+    if resume and not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
+
+    lr = 2e-4 * math.sqrt(16384 / d_sae) if lr is None else lr
+    total_steps = tokens // batch_size
+    if total_steps < 1:
+        raise ValueError(f"tokens={tokens} is less than one batch of {batch_size}")
+    options = {**_arch_options(arch, k, total_steps), **arch_options}
+    fp = fingerprint(model)
+    meta = {
+        "model_name": fp["name"],
+        "context_size": ctx_len,
+        "prepend_bos": False,
+        "dataset_path": corpus.name,
+        "steerkit": {"layer_index": None, "corpus_fingerprint": corpus.fingerprint, "first_position": "excluded"},
+    }
+    torch.manual_seed(seed)
+    runs = {}
+    for value in layers:
+        meta["steerkit"] = {**meta["steerkit"], "layer_index": value}
+        runs[value] = _new_run(arch, value, d_in, d_sae, options, lr, {**meta, "steerkit": dict(meta["steerkit"])})
+    settings = {"arch": arch, "layers": layers, "d_sae": d_sae, "k": k, "ctx_len": ctx_len, "batch_size": batch_size}
+    step, sequences_read = 0, 0
+    counts = {"excluded": 0, "seen": 0}  # outlier tokens left out of training
+    if resume:
+        state = _load_checkpoint(ckpt, runs, settings)
+        step, sequences_read = state["step"], state["sequences_read"]
+        counts.update(state["counts"])
+    generator = torch.Generator().manual_seed(seed + step)
+    buffer = ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, generator)
+    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress)
+    bar.set_description(f"SAE {arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
+    log_every = max(1, total_steps // 100)
+    next_ckpt = step * batch_size + checkpoint_every if checkpoint_every else None
+
+    def batches() -> Iterator[dict[int, torch.Tensor]]:
+        nonlocal sequences_read
+        for chunk in corpus.batches(tok, ctx_len, model_batch, "train", skip=sequences_read):
+            sequences_read += chunk.shape[0]
+            acts = block_activations(model, chunk, layers)
+            for run in runs.values():
+                if run.scale is None:  # first batch: outlier norm, mean norm → √d_in, decoder bias at the mean
+                    norms = acts[run.layer].norm(dim=-1)
+                    run.max_norm = OUTLIER_FACTOR * float(norms.median())
+                    inliers = acts[run.layer][norms <= run.max_norm]
+                    run.scale = math.sqrt(d_in) / float(inliers.norm(dim=-1).mean())
+                    run.sae.b_dec.data = (inliers.mean(0) * run.scale).to(run.sae.b_dec.dtype)
+            keep = torch.stack([acts[v].norm(dim=-1) <= runs[v].max_norm for v in layers]).all(0)
+            counts["excluded"] += int((~keep).sum())
+            counts["seen"] += keep.numel()
+            yield from buffer.add({v: x[keep] for v, x in acts.items()})
+        yield from buffer.drain()
+
+    try:
+        for acts in batches():
+            if step >= total_steps:
+                break
+            logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
+            step += 1
+            bar.update(batch_size)
+            first = logs[layers[0]]
+            bar.set_postfix(
+                L0=f"{first['l0']:.1f}", EV=f"{first['explained_variance']:.3f}", dead=f"{first['dead_fraction']:.1%}"
+            )
+            if step % log_every == 0 or step == total_steps:
+                for value, log in logs.items():
+                    runs[value].history.append({**log, "tokens": step * batch_size})
+            if next_ckpt is not None and step * batch_size >= next_ckpt and step < total_steps:
+                _save_checkpoint(
+                    ckpt, runs, {"step": step, "sequences_read": sequences_read, "config": settings, "counts": counts}
+                )
+                next_ckpt += checkpoint_every
+    finally:
+        bar.close()
+    if step < total_steps:
+        raise ValueError(
+            f"corpus {corpus.name!r} ran out after {step * batch_size} of {tokens} tokens: "
+            "pass a larger corpus or fewer tokens"
+        )
+    trained = step * batch_size
+    if out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write(runs, trained, Path(tmp), single, counts)
+            result = _read(runs, Path(tmp), single)
+    else:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            _write(runs, trained, tmp, single, counts)
+        result = _read(runs, out, single)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+    return result[layers[0]] if single else result
+
+
+def _write(runs: dict[int, _Run], trained: int, root: Path, single: bool, counts: dict) -> None:
+    """Fold the training scale into each SAE and write sae-lens directories plus ``training_log.json``."""
+    for value, run in runs.items():
+        target = root if single else root / f"layer_{value}"
+        run.sae.fold_activation_norm_scaling_factor(run.scale)
+        run.sae.cfg.metadata.steerkit = {
+            **run.sae.cfg.metadata.steerkit,
+            "tokens": trained,
+            "scale": run.scale,
+            "max_norm": run.max_norm,
+            "outlier_fraction": counts["excluded"] / max(1, counts["seen"]),
+        }
+        run.sae.save_inference_model(target)
+        (target / "training_log.json").write_text(json.dumps(run.history))
+
+
+def _read(runs: dict[int, _Run], root: Path, single: bool) -> dict:
+    result = {}
+    for value, run in runs.items():
+        sae = load_sae(root if single else root / f"layer_{value}")
+        sae.training_log = run.history
+        result[value] = sae
+    return result
