@@ -7,7 +7,7 @@ from steerkit.data.corpus import load_corpus
 from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
-from steerkit.sae import evaluate_sae, load_sae, splice, train_sae
+from steerkit.sae import attach_adapter, evaluate_sae, load_sae, sae_tune, splice, train_sae
 from steerkit.steer import generate, steer
 from steerkit.vector import SteeringVector
 from steerkit.weights import TaskVector, bake, merge
@@ -21,6 +21,7 @@ __all__ = [
     "Recorder",
     "SteeringVector",
     "TaskVector",
+    "attach_adapter",
     "bake",
     "bundled_sets",
     "capture",
@@ -39,6 +40,7 @@ __all__ = [
     "num_layers",
     "persona_pairs",
     "residual_writers",
+    "sae_tune",
     "splice",
     "steer",
     "sweep",

@@ -54,22 +54,31 @@ def models() -> None:
         typer.echo(f"  cached:    {cached} at {row['cache_dir']}")
 
 
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per non-empty line, each with the ``required`` string fields."""
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise typer.BadParameter(f"{path}:{number}: not a JSON object ({err})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in required):
+            raise typer.BadParameter(f"{path}:{number}: expected a JSON object with {list(required)} string fields")
+        rows.append(row)
+    return rows
+
+
 def read_texts(path: Path) -> list[str]:
     """Texts from a file: one per line (.txt), or the ``text`` field of each line (.jsonl)."""
     if not path.is_file():
         raise typer.BadParameter(f"{path} is not a file", param_hint="--texts")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise typer.BadParameter(f"{path}:{number}: expected a JSON object with a 'text' field ({err})") from None
-    return texts
+    if path.suffix == ".jsonl":
+        return [row["text"] for row in read_jsonl(path, required=("text",))]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @app.command()
@@ -455,6 +464,61 @@ def eval_sae(
             tmp.write_text(json.dumps(metrics, indent=1))
         plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=output.with_suffix(".png"))
         typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+@app.command("sae-tune")
+def sae_tune(
+    sae: Annotated[Path, typer.Argument(help="The frozen SAE directory (sae-lens format), trained on a source model.")],
+    layer: Annotated[int, typer.Option(help="The block to splice it into.")],
+    data: Annotated[
+        Path, typer.Option(help="A .jsonl of {'prompt', 'answer'} (or {'text'} for the kl loss), one per line.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory (or checkpoint with --merge).")],
+    model: ModelArg = "smollm2-135m-instruct",
+    loss: Annotated[str, typer.Option(help="kl (Resa: match the untouched target, no labels) or ce (answers).")] = "kl",
+    grad_through_sae: Annotated[
+        bool, typer.Option(help="Let gradients flow through the frozen SAE (--no-...: Resa's released code).")
+    ] = True,
+    epochs: Annotated[int, typer.Option()] = 2,
+    lr: Annotated[float, typer.Option()] = 1e-4,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 4 x rank, as Resa's 32 / 128).")] = 32,
+    merge: Annotated[bool, typer.Option(help="Merge the LoRA and write a full checkpoint instead.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+) -> None:
+    """SAE-tuning: LoRA-tune the model with a frozen SAE spliced in at LAYER, then drop the SAE.
+
+    Writes a LoRA adapter that attach-adapter puts onto another model of the same family, or with
+    --merge a checkpoint any engine serves.
+    """
+    import steerkit as sk
+
+    rows = read_jsonl(data)
+    examples = [row["text"] if set(row) == {"text"} else row for row in rows]
+    mdl, tok = sk.load_model(model)
+    tuned = sk.sae_tune(
+        mdl, tok, sk.load_sae(sae), layer, examples, lora={"r": rank, "lora_alpha": 4 * rank}, loss=loss,
+        grad_through_sae=grad_through_sae, epochs=epochs, lr=lr, batch_size=batch_size, out=output, merge=merge,
+        force=force,
+    )  # fmt: skip
+    first, last = tuned.history[0], tuned.history[-1]
+    typer.echo(f"loss {first:.4f} -> {last:.4f} over {len(tuned.history)} steps; wrote {output}")
+
+
+@app.command("attach-adapter")
+def attach_adapter(
+    adapter: Annotated[Path, typer.Argument(help="An adapter written by sae-tune.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
+    model: ModelArg = "smollm2-135m-instruct",
+    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+) -> None:
+    """Put an SAE-tuning adapter onto another model of the same family and write the merged checkpoint."""
+    import steerkit as sk
+    from steerkit.sae.tune import save_checkpoint
+
+    mdl, tok = sk.load_model(model)
+    save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force)
+    typer.echo(f"wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,3 +123,25 @@ def test_steer_hooked_transformer(tok):
         _, steered = model.run_with_cache(ids)
     delta = steered["blocks.1.hook_resid_post"] - plain["blocks.1.hook_resid_post"]
     torch.testing.assert_close(delta[0], (2.0 * vec[1]).expand_as(delta[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_splice_agrees_across_backends(smollm, bridge, nn_model):
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    model, tok = smollm
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=1152, k=64))  # random weights: any SAE must splice the same
+    ids = tok(["The weather today is", "A second, longer prompt about the sea"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = model(**ids).logits
+        with sk.splice(model, sae, 9):
+            hf = model(**ids).logits
+        with sk.splice(bridge, sae, 9):
+            tl = bridge(ids["input_ids"], attention_mask=ids["attention_mask"])
+        with sk.splice(nn_model, sae, 9):
+            with nn_model.trace(ids):
+                nn_logits = nn_model.lm_head.output.save()
+    assert _rel(hf, plain) > 1e-2
+    assert _rel(tl, hf) < 1e-3 and _rel(nn_logits, hf) < 1e-3
+    with torch.no_grad():
+        assert _rel(bridge(ids["input_ids"], attention_mask=ids["attention_mask"]), plain) < 1e-3

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -166,3 +168,32 @@ def test_sweep_command_writes_csv_and_png(tmp_path, embedded_dir):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     bad = runner.invoke(cli.app, ["sweep", "-v", str(vec), "--task", "algebra", "-o", str(tmp_path / "x.csv")])
     assert isinstance(bad.exception, ValueError) and "valid tasks" in str(bad.exception)
+
+
+def test_train_and_eval_sae_commands(tmp_path, embedded_dir):
+    from sae_lens import SAE
+
+    out = tmp_path / "sae"
+    args = ["train-sae", "-o", str(out), "--layer", "3", "--d-sae", "1152", "--k", "8", "--tokens", "2048"]
+    result = runner.invoke(cli.app, [*args, "--batch-size", "512"])
+    assert result.exit_code == 0, result.output
+    assert "layer 3: explained variance" in result.output
+    assert SAE.load_from_disk(out).cfg.d_sae == 1152 and (out / "training_curves.png").stat().st_size > 0
+    again = runner.invoke(cli.app, [*args, "--batch-size", "512"])
+    assert again.exit_code != 0 and "--force" in again.output
+    metrics = tmp_path / "m.json"
+    result = runner.invoke(cli.app, ["eval-sae", str(out), "--layer", "3", "--tokens", "512", "-o", str(metrics)])
+    assert result.exit_code == 0, result.output
+    values = json.loads(metrics.read_text())
+    assert {"explained_variance", "ce_loss_recovered", "kl_score", "dead_fraction"} <= values.keys()
+    assert metrics.with_suffix(".png").stat().st_size > 0
+
+
+def test_sae_command_errors_are_one_line(tmp_path, capsys, embedded_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cfg.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval-sae", str(broken), "--layer", "3"])
+    assert exit_info.value.code == 2
+    assert "sae_weights.safetensors missing" in capsys.readouterr().err

@@ -144,3 +144,23 @@ def test_plots_write_png(tmp_path):
     for name, draw in figures.items():
         draw(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_files_roundtrip_and_malformed_lines(tmp_path):
+    from steerkit.evals.tasks import save_task
+
+    items = load_task("arithmetic", n=5, steps=1, seed=3)
+    path = save_task(items, tmp_path / "split.jsonl")
+    assert load_task(str(path)) == items
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text().splitlines()[0] + '\n{"question": "What is 2 + 2?"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with 'question' and 'answer'"):
+        load_task(str(bad))
+    bad.write_text('{"question": "Q?", "answer": "4", "options": ["5", "6"]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*contain the answer '4'"):
+        load_task(str(bad))
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1"):
+        load_task(str(bad))
+    with pytest.raises(FileNotFoundError, match="no task file"):
+        load_task(str(tmp_path / "missing.jsonl"))

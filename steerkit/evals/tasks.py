@@ -8,9 +8,11 @@ token is the answer's first token.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from steerkit.models import chat_prompt
 
@@ -114,12 +116,55 @@ TASKS = {"arithmetic": arithmetic, "deduction": deduction, "induction": inductio
 
 
 def load_task(name: str, n: int = 48, seed: int = 0, **kwargs) -> list[Item]:
-    """``n`` seeded items of task ``name`` (``arithmetic`` takes ``steps=``)."""
+    """``n`` seeded items of task ``name`` (``arithmetic`` takes ``steps=``), or every item of a ``.jsonl``
+    file of ``{"question", "answer", "options"?, "kind"?}`` lines (``save_task`` writes one)."""
+    if str(name).endswith(".jsonl"):
+        return _read_items(Path(name))
     if name not in TASKS:
-        raise ValueError(f"no task {name!r}: valid tasks are {sorted(TASKS)}")
+        raise ValueError(f"no task {name!r}: valid tasks are {sorted(TASKS)} or a .jsonl file")
     if n < 1:
         raise ValueError(f"n={n}: expected at least one item")
     return TASKS[name](n, seed=seed, **kwargs)
+
+
+def save_task(items: list[Item], path: str | Path) -> Path:
+    """Write items as jsonl (atomically) so a split can be shared and reloaded with ``load_task``."""
+    from steerkit._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(
+            "".join(
+                json.dumps({"question": i.question, "answer": i.answer, "options": list(i.options), "kind": i.kind})
+                + "\n"
+                for i in items
+            )
+        )
+    return Path(path)
+
+
+def _read_items(path: Path) -> list[Item]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no task file {path}")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            question, answer = row["question"], row["answer"]
+            options = tuple(row.get("options") or (answer,))
+            if not (isinstance(question, str) and isinstance(answer, str) and question and answer):
+                raise TypeError("question and answer must be non-empty strings")
+            if answer not in options or not all(isinstance(o, str) for o in options):
+                raise ValueError(f"options {list(options)} must be strings and contain the answer {answer!r}")
+            items.append(Item(question, answer, options, str(row.get("kind", path.stem))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with 'question' and 'answer' strings ({err})"
+            ) from None
+    if not items:
+        raise ValueError(f"{path} holds no items")
+    return items
 
 
 def prompt(tok, item_or_question: Item | str, prefix: str = ANSWER_PREFIX, system: str | None = None) -> str:

@@ -1,8 +1,18 @@
 """Sparse autoencoders: training (sae-lens classes, steerkit capture), evaluation, splicing, SAE-tuning."""
 
-from steerkit.sae.evaluate import evaluate_sae
+from steerkit.sae.evaluate import evaluate_sae, top_activations
 from steerkit.sae.io import load_sae
 from steerkit.sae.splice import splice
 from steerkit.sae.train import ARCHS, train_sae
+from steerkit.sae.tune import attach_adapter, sae_tune
 
-__all__ = ["ARCHS", "evaluate_sae", "load_sae", "splice", "train_sae"]
+__all__ = [
+    "ARCHS",
+    "attach_adapter",
+    "evaluate_sae",
+    "load_sae",
+    "sae_tune",
+    "splice",
+    "top_activations",
+    "train_sae",
+]

@@ -122,3 +122,60 @@ def evaluate_sae(
         "outlier_fraction": outliers / (n_acts + outliers),
         "latent_frequency": frequency.float(),
     }
+
+
+@torch.no_grad()
+def top_activations(
+    model: nn.Module,
+    tok,
+    sae,
+    layer: int,
+    corpus: Corpus,
+    latents: list[int],
+    sequences: int = 64,
+    top: int = 5,
+    window: int = 12,
+    ctx_len: int | None = None,
+    batch_size: int = 16,
+) -> dict[int, list[dict]]:
+    """For each latent, the ``top`` held-out tokens it fires on most strongly: ``{"activation", "token",
+    "context"}`` with the ``window`` tokens before it as context (first positions excluded, as in training)."""
+    sae = load_sae(sae)
+    check_sae(sae, model)
+    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+    bad = [latent for latent in latents if not 0 <= latent < sae.cfg.d_sae]
+    if bad:
+        raise ValueError(f"latents {bad} out of range: the SAE has {sae.cfg.d_sae}")
+    ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
+    device = model.get_input_embeddings().weight.device
+    index = torch.tensor(latents)
+    rows, values = [], []
+    for batch in corpus.batches(tok, ctx_len, batch_size, "heldout"):
+        if len(rows) * batch_size >= sequences:
+            break
+        with Recorder(model, [layer], stop=True) as rec:
+            model(input_ids=batch.to(device), use_cache=False)
+        acts = sae.encode(rec[layer][:, 1:].to(sae.dtype)).float().cpu()[..., index]  # [b, s-1, n]
+        rows.append(batch)
+        values.append(acts)
+    if not rows:
+        raise ValueError(f"corpus {corpus.name!r} gave no held-out text")
+    ids, acts = torch.cat(rows), torch.cat(values)  # [N, s], [N, s-1, n]
+    flat = acts.reshape(-1, len(latents))
+    result = {}
+    for column, latent in enumerate(latents):
+        best = flat[:, column].topk(min(top, flat.shape[0]))
+        result[latent] = []
+        for value, where in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+            if value <= 0:
+                break
+            seq, pos = divmod(where, acts.shape[1])
+            pos += 1  # acts start at position 1
+            result[latent].append(
+                {
+                    "activation": value,
+                    "token": tok.decode(ids[seq, pos : pos + 1]),
+                    "context": tok.decode(ids[seq, max(0, pos - window) : pos]),
+                }
+            )
+    return result

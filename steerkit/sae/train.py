@@ -55,7 +55,7 @@ def _arch_options(name: str, k: float, steps: int) -> dict:
     """Per-architecture defaults: ``k`` is the target L0 of every sparse architecture."""
     warm = max(1, steps // 20)
     if name in ("topk", "batchtopk"):
-        return {"k": k, "aux_loss_coefficient": 1.0 / 32}
+        return {"k": k}  # AuxK at sae-lens' coefficient 1 (its aux loss is not variance-normalised)
     if name == "jumprelu":
         return {
             "jumprelu_sparsity_loss_mode": "quadratic",
@@ -257,16 +257,19 @@ def train_sae(
     checkpoint_every: int | None = None,
     resume: bool = False,
     seed: int = 0,
+    autocast: bool = False,
     progress: bool = True,
     **arch_options,
 ):
     """Train an SAE on block ``layer``'s output (a list of layers: one SAE each, from one pass of the model).
 
-    Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
-    wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
-    ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
-    2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
-    an interrupted run (from the next unread sequence). ``arch_options`` go to sae-lens' training config.
+        Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
+        wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
+        ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
+        2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
+        an interrupted run (from the next unread sequence). ``autocast=True`` runs the SAE's matmuls in bf16
+    (parameters and Adam stay float32; 1.6× faster on a CPU with AMX). ``arch_options`` go to sae-lens'
+    training config.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
     if not layers:
@@ -320,7 +323,7 @@ def train_sae(
         step, sequences_read = state["step"], state["sequences_read"]
         counts.update(state["counts"])
     generator = torch.Generator().manual_seed(seed + step)
-    buffer = ShuffleBuffer(max(buffer_tokens, 2 * batch_size), batch_size, generator)
+    buffer = ShuffleBuffer(max(min(buffer_tokens, tokens), 2 * batch_size), batch_size, generator)
     bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress)
     bar.set_description(f"SAE {arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
     log_every = max(1, total_steps // 100)
@@ -348,7 +351,8 @@ def train_sae(
         for acts in batches():
             if step >= total_steps:
                 break
-            logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
+            with torch.autocast(acts[layers[0]].device.type, dtype=torch.bfloat16, enabled=autocast):
+                logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
             step += 1
             bar.update(batch_size)
             first = logs[layers[0]]

@@ -1,0 +1,208 @@
+"""SAE-tuning (Resa, Wang et al. 2025): LoRA-tune a target with a frozen SAE spliced into it.
+
+The SAE sits at block *layer* of the target for the whole of training. Loss ``"kl"`` (Resa's) is
+KL(teacher ‖ student) on every real token, the teacher being the same target with adapters off and no SAE,
+so no labels are needed; ``"ce"`` is next-token cross-entropy on the answer tokens. ``grad_through_sae=False``
+runs the SAE under ``no_grad`` as Resa's released code does (adapters at or below the layer then learn
+from nothing but the first tokens). Afterwards the SAE is gone: the result is a LoRA adapter (``out``; put
+it onto another model of the same family with ``attach_adapter``) or, with ``merge=True``, a plain
+checkpoint written through steerkit's checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerkit._io import atomic_path
+from steerkit.backends import fingerprint
+from steerkit.capture import pad_batch, pad_id
+from steerkit.sae.io import check_sae, load_sae
+from steerkit.sae.splice import splice
+
+LOSSES = ("kl", "ce")
+DEFAULT_LORA = {"r": 32, "lora_alpha": 128, "lora_dropout": 0.05, "target_modules": "all-linear"}
+FAMILY_FILE = "steerkit_adapter.json"
+
+
+def _examples(data, loss: str) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs: ``{"prompt", "answer"}`` dicts, 2-tuples, or (for ``kl``) plain strings."""
+    out = []
+    for number, item in enumerate(data):
+        if isinstance(item, str) and loss == "kl":
+            out.append(("", item))
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("answer"), str):
+            out.append((item["prompt"], item["answer"]))
+        elif isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            out.append((item[0], item[1]))
+        else:
+            need = "a {'prompt', 'answer'} dict or a (prompt, answer) pair" + (" or a string" if loss == "kl" else "")
+            raise ValueError(f"data[{number}] is {item!r}: expected {need}")
+    if not out:
+        raise ValueError("data is empty")
+    return out
+
+
+def _batch(tok, examples: list[tuple[str, str]], max_length: int):
+    """Right-padded ids, attention mask, and a mask of answer tokens (the tokens the loss reads)."""
+    rows, answer_masks = [], []
+    for prompt, answer in examples:
+        p = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        ids = (p + a)[:max_length]
+        rows.append(ids)
+        answer_masks.append([False] * len(p[: len(ids)]) + [True] * (len(ids) - min(len(p), len(ids))))
+    input_ids, mask, _ = pad_batch(rows, pad_id(tok), "right")
+    answer = torch.zeros_like(mask, dtype=torch.bool)
+    for i, flags in enumerate(answer_masks):
+        answer[i, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    return input_ids, mask, answer
+
+
+def sae_tune(
+    target: nn.Module,
+    tok,
+    sae,
+    layer: int,
+    data: Sequence,
+    lora: dict | None = None,
+    loss: str = "kl",
+    grad_through_sae: bool = True,
+    skip_first: bool = True,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    max_length: int = 256,
+    out: str | Path | None = None,
+    merge: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """LoRA-tune a copy of ``target`` with ``sae`` spliced in at ``layer``; the target itself is not changed.
+
+    Returns the adapted model (a peft model) or, with ``merge=True``, a plain transformers model with the
+    LoRA merged in. ``out`` saves the adapter (or, merged, a full checkpoint); ``history`` on the result
+    lists the loss per step. ``lora`` updates the defaults {r: 32, lora_alpha: 128, lora_dropout: 0.05,
+    target_modules: "all-linear"} (Resa's rank and α, on every linear layer but the LM head). ``skip_first``
+    leaves each row's first token unspliced, as ``splice`` does by default.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+    sae = load_sae(sae)
+    check_sae(sae, target)
+    examples = _examples(data, loss)
+    for name, value in {"epochs": epochs, "batch_size": batch_size, "max_length": max_length}.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if out is not None and Path(out).exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    torch.manual_seed(seed)
+    sae.requires_grad_(False)
+    model = get_peft_model(copy.deepcopy(target), LoraConfig(**{**DEFAULT_LORA, **(lora or {})}))
+    base = model.get_base_model()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    device = base.get_input_embeddings().weight.device
+    order = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(examples) / batch_size)
+    history = []
+    bar = tqdm(total=steps, desc=f"SAE-tuning ({loss})", disable=not progress)
+    for _ in range(epochs):
+        perm = torch.randperm(len(examples), generator=order).tolist()
+        for start in range(0, len(perm), batch_size):
+            chunk = [examples[i] for i in perm[start : start + batch_size]]
+            input_ids, mask, answer = (t.to(device) for t in _batch(tok, chunk, max_length))
+            if loss == "kl":
+                with torch.no_grad(), model.disable_adapter():
+                    teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+            with splice(base, sae, layer, skip_first=skip_first, grad_through_sae=grad_through_sae):
+                logits = base(input_ids=input_ids, attention_mask=mask).logits.float()
+            student = F.log_softmax(logits, -1)
+            if loss == "kl":
+                real = mask.bool()
+                value = (teacher.exp() * (teacher - student)).sum(-1)[real].mean()
+            else:
+                targets = answer[:, 1:]  # position t predicts token t + 1
+                picked = student[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                if not targets.any():
+                    raise ValueError("no answer tokens in a batch: are the answers empty or cut by max_length?")
+                value = -picked[targets].mean()
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            history.append(float(value.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    bar.close()
+    model.eval()
+    if merge:
+        model = model.merge_and_unload()
+    if out is not None:
+        if merge:
+            save_checkpoint(model, tok, out, force=force)
+        else:
+            save_adapter(model, out)
+    model.history = history
+    return model
+
+
+def save_adapter(model: nn.Module, out: str | Path) -> Path:
+    """Write a peft model's adapter atomically, with the family it fits (model type, width, depth)."""
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / FAMILY_FILE).write_text(json.dumps(_family(model.get_base_model()), indent=1))
+    return Path(out)
+
+
+def save_checkpoint(model: nn.Module, tok, out: str | Path, force: bool = False) -> Path:
+    """A plain model's weights, config and tokenizer through steerkit's checkpoint writer (tied tensors once)."""
+    from steerkit.weights.checkpoint import CheckpointWriter
+
+    seen: set[int] = set()
+    with CheckpointWriter(out, force=force) as writer, tempfile.TemporaryDirectory() as tokdir:
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # a tied copy (lm_head = embed_tokens): written once, as transformers does
+                continue
+            seen.add(tensor.data_ptr())
+            writer.add(name, tensor.detach().cpu())
+        writer.add_file("config.json", model.config.to_json_string())
+        tok.save_pretrained(tokdir)
+        for path in Path(tokdir).iterdir():
+            writer.add_file(path.name, path.read_text())
+    return Path(out)
+
+
+def _family(model: nn.Module) -> dict:
+    fp = fingerprint(model)
+    return {k: fp[k] for k in ("model_type", "hidden_size", "num_hidden_layers")}
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path, merge: bool = False) -> nn.Module:
+    """Put a saved SAE-tuning adapter onto (a copy of) another model of the same family (Resa's modularity)."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no LoRA adapter at {path} (adapter_config.json missing)")
+    family_file = path / FAMILY_FILE
+    if family_file.is_file():
+        wanted, have = json.loads(family_file.read_text()), _family(model)
+        if wanted != have:
+            raise ValueError(f"the adapter at {path} was trained for {wanted}, but the model is {have}")
+    attached = PeftModel.from_pretrained(copy.deepcopy(model), str(path))
+    attached.eval()
+    return attached.merge_and_unload() if merge else attached
