@@ -290,6 +290,10 @@ def train_sae(
             raise ValueError(f"{name}={value!r}: expected a positive int")
     if not (isinstance(k, int | float) and 0 < k <= d_sae):
         raise ValueError(f"k={k!r}: expected a number in (0, d_sae={d_sae}]")
+    if arch == "topk":
+        if float(k) != int(k):
+            raise ValueError(f"k={k!r}: TopK needs a whole number of latents (batchtopk takes a mean k)")
+        k = int(k)
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoint_every and resume need out= (checkpoints go to {out}.ckpt)")
     out = Path(out) if out is not None else None
