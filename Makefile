@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench bench-env lint clean
+.PHONY: setup demo test bench bench-sae bench-env lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: setup bench-env
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/steer.py
 	$(BIN)/python bench/merge.py
+
+# SAE benches: quality (about 15 minutes, writes artifacts/sae_quality/) and throughput against sae-lens.
+bench-sae: setup
+	$(BIN)/python bench/sae_train.py
+	$(BIN)/python bench/sae_quality.py
 
 # repeng 0.4.0 for side-by-side numbers, in its own environment (it needs numpy<2); never a steerkit dependency.
 # It reuses torch and transformers from .venv through a .pth file; its own numpy<2 comes first on sys.path.
