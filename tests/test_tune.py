@@ -102,3 +102,10 @@ def test_bad_input(target, tok, tmp_path):
         attach_adapter(target, tmp_path / "nothing")
     with pytest.raises(FileExistsError, match="already exists"):
         sae_tune(target, tok, _sae(), 1, TEXTS, epochs=1, out=tmp_path / "adapter", **FAST)
+
+
+def test_lora_sft_baseline_without_sae(target, tok):
+    plain = sae_tune(target, tok, None, 1, QA, loss="ce", epochs=6, **FAST)
+    assert plain.history[-1] < plain.history[0]
+    with pytest.raises(ValueError, match="without an SAE the kl loss is zero"):
+        sae_tune(target, tok, None, 1, TEXTS, loss="kl", **FAST)

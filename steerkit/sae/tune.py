@@ -11,6 +11,7 @@ checkpoint written through steerkit's checkpoint writer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -90,6 +91,8 @@ def sae_tune(
 ) -> nn.Module:
     """LoRA-tune a copy of ``target`` with ``sae`` spliced in at ``layer``; the target itself is not changed.
 
+    ``sae=None`` (with ``loss="ce"``) is the baseline without an SAE: plain LoRA SFT on the answers.
+
     Returns the adapted model (a peft model) or, with ``merge=True``, a plain transformers model with the
     LoRA merged in. ``out`` saves the adapter (or, merged, a full checkpoint); ``history`` on the result
     lists the loss per step. ``lora`` updates the defaults {r: 32, lora_alpha: 128, lora_dropout: 0.05,
@@ -100,8 +103,12 @@ def sae_tune(
 
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
-    sae = load_sae(sae)
-    check_sae(sae, target)
+    if sae is None and loss == "kl":
+        raise ValueError("without an SAE the kl loss is zero: pass an SAE, or loss='ce' for plain LoRA SFT")
+    if sae is not None:
+        sae = load_sae(sae)
+        check_sae(sae, target)
+        sae.requires_grad_(False)
     examples = _examples(data, loss)
     for name, value in {"epochs": epochs, "batch_size": batch_size, "max_length": max_length}.items():
         if not isinstance(value, int) or value < 1:
@@ -109,7 +116,6 @@ def sae_tune(
     if out is not None and Path(out).exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
     torch.manual_seed(seed)
-    sae.requires_grad_(False)
     model = get_peft_model(copy.deepcopy(target), LoraConfig(**{**DEFAULT_LORA, **(lora or {})}))
     base = model.get_base_model()
     model.train()
@@ -128,7 +134,12 @@ def sae_tune(
             if loss == "kl":
                 with torch.no_grad(), model.disable_adapter():
                     teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-            with splice(base, sae, layer, skip_first=skip_first, grad_through_sae=grad_through_sae):
+            spliced = (
+                splice(base, sae, layer, skip_first=skip_first, grad_through_sae=grad_through_sae)
+                if sae is not None
+                else contextlib.nullcontext()
+            )
+            with spliced:
                 logits = base(input_ids=input_ids, attention_mask=mask).logits.float()
             student = F.log_softmax(logits, -1)
             if loss == "kl":
