@@ -54,8 +54,8 @@ $(REPENG)/.done: | $(STAMP)
 	touch $@
 
 lint: setup
-	$(BIN)/ruff check steerkit tests bench
-	$(BIN)/ruff format --check steerkit tests bench
+	$(BIN)/ruff check steerkit tests bench experiments
+	$(BIN)/ruff format --check steerkit tests bench experiments
 
 clean:
 	rm -rf $(VENV) $(REPENG) $(MERGEKIT) build *.egg-info

@@ -40,13 +40,14 @@ def main() -> None:
         checkpoint_every=500_000, autocast=True,
     )  # fmt: skip
     train_s = time.perf_counter() - start
+    trained = sae.cfg.metadata.steerkit["tokens"]  # whole batches of 1024: 1,999,872 for 2M
     del model
     model, tok = sk.load_model("smollm2-135m-instruct")
     start = time.perf_counter()
     metrics = sk.evaluate_sae(model, tok, sae, args.layer, corpus, tokens=args.eval_tokens)
     eval_s = time.perf_counter() - start
     frequency = metrics.pop("latent_frequency")
-    metrics.update(train_seconds=train_s, train_tokens=args.tokens, train_tokens_per_s=args.tokens / train_s)
+    metrics.update(train_seconds=train_s, train_tokens=trained, train_tokens_per_s=trained / train_s)
     metrics["eval_seconds"] = eval_s
     OUT.mkdir(parents=True, exist_ok=True)
     with atomic_path(OUT / "metrics.json") as tmp:
@@ -57,8 +58,8 @@ def main() -> None:
     lines = [
         "# SAE quality on SmolLM2-135M-Instruct",
         "",
-        f"TopK, k = 32, d_sae = 4608, block {args.layer}, {args.tokens:,} training tokens of the embedded corpus.",
-        f"Training {train_s:.0f} s ({args.tokens / train_s:.0f} tokens/s, activations included, bf16 model).",
+        f"TopK, k = 32, d_sae = 4608, block {args.layer}, {trained:,} training tokens of the embedded corpus.",
+        f"Training {train_s:.0f} s ({trained / train_s:.0f} tokens/s, activations included, bf16 model).",
         f"Evaluation on {metrics['tokens']:,} held-out tokens (float32 model), {eval_s:.0f} s.",
         "",
         "| metric | value | target |",
