@@ -353,8 +353,6 @@ def train_sae(
 
     try:
         for acts in batches():
-            if step >= total_steps:
-                break
             with torch.autocast(acts[layers[0]].device.type, dtype=torch.bfloat16, enabled=autocast):
                 logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
             step += 1
@@ -371,6 +369,8 @@ def train_sae(
                     ckpt, runs, {"step": step, "sequences_read": sequences_read, "config": settings, "counts": counts}
                 )
                 next_ckpt += checkpoint_every
+            if step == total_steps:  # stop before the buffer asks the model for more
+                break
     finally:
         bar.close()
     if step < total_steps:
