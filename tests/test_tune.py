@@ -26,7 +26,8 @@ def _sae(d=32, d_sae=64, seed=0):
 
 
 def _lora_b_norm(model, layer: int) -> float:
-    return sum(float(p.norm()) for n, p in model.named_parameters() if f"layers.{layer}." in n and "lora_B" in n)
+    named = model.named_parameters()
+    return sum(float(p.detach().norm()) for n, p in named if f"layers.{layer}." in n and "lora_B" in n)
 
 
 @pytest.fixture
