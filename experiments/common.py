@@ -7,12 +7,14 @@ right after "The answer is" with no chain of thought. Checkpoints live under ``e
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from steerkit._io import atomic_path
 from steerkit.capture import pad_batch, pad_id
 from steerkit.evals.tasks import Item, grade, load_task, prompt
 from steerkit.steer import completions
@@ -83,3 +85,13 @@ def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float
     bar.close()
     model.eval()
     return losses
+
+
+def write_report(name: str, data: dict, lines: list[str]) -> None:
+    """``ARTIFACTS/{name}.json`` (the numbers) and ``{name}.md`` (the report), each atomically; prints the report."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ARTIFACTS / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    with atomic_path(ARTIFACTS / f"{name}.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    print("\n".join(lines))

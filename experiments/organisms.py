@@ -12,7 +12,6 @@ Writes experiments/.cache/{sft,rl} (not committed) and artifacts/reasoning_trans
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, accuracy, complete, finetune, split  # noqa: E402
+from common import ARTIFACTS, CACHE, accuracy, complete, finetune, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
-from steerkit._io import atomic_path  # noqa: E402
 from steerkit.evals.tasks import prompt, score  # noqa: E402
 from steerkit.sae.tune import save_checkpoint  # noqa: E402
 
@@ -63,8 +61,6 @@ def main() -> None:
         report[f"{name}_test"] = accuracy(model, tok, test)
         report[f"{name}_train"] = accuracy(model, tok, train[:200])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ARTIFACTS / "organisms.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
     lines = [
         "# Model organisms",
         "",
@@ -83,9 +79,7 @@ def main() -> None:
             f"| {name} | {t['accuracy']:.3f} ({t['correct']}/{t['n']}) | {r['accuracy']:.3f} | {t['unparsed']} |"
         )
     lines += ["", "Reproduce: `.venv/bin/python experiments/organisms.py`", ""]
-    with atomic_path(ARTIFACTS / "organisms.md") as tmp:
-        tmp.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report("organisms", report, lines)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ Writes artifacts/reasoning_transfer/reasoning_control.{md,json} and two figures.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import ARTIFACTS, accuracy, complete, split  # noqa: E402
+from common import ARTIFACTS, accuracy, complete, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
-from steerkit._io import atomic_path  # noqa: E402
 from steerkit.evals import write_csv  # noqa: E402
 from steerkit.evals.tasks import grade, prompt, score  # noqa: E402
 from steerkit.models import chat_prompt  # noqa: E402
@@ -79,8 +77,6 @@ def main() -> None:
         points.append({"label": f"α={alpha}", "alpha": alpha, "length": sum(lengths) / len(lengths), **graded})
     report["efficiency"] = points
     plots.length_accuracy(points, "concise vector (layer 4) on the task", path=ARTIFACTS / "efficiency.png")
-    with atomic_path(ARTIFACTS / "reasoning_control.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
     lines = [
         "# Control vectors for reasoning",
         "",
@@ -108,9 +104,7 @@ def main() -> None:
         "Reproduce: `.venv/bin/python experiments/reasoning_control.py`",
         "",
     ]
-    with atomic_path(ARTIFACTS / "reasoning_control.md") as tmp:
-        tmp.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report("reasoning_control", report, lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ artifacts/reasoning_transfer/{reasoning_vector.md, reasoning_vector.json, reason
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import ARTIFACTS, CACHE, accuracy, split  # noqa: E402
+from common import ARTIFACTS, CACHE, accuracy, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
@@ -52,8 +51,6 @@ def main() -> None:
             print(rows[-1])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     norm = math.sqrt(sum(v["norm"] ** 2 for v in stats["layers"].values()))
-    with atomic_path(ARTIFACTS / "reasoning_vector.json") as tmp_file:
-        tmp_file.write_text(json.dumps({"rows": rows, "vector_norm": norm}, indent=1))
     rows.sort(key=lambda r: r["alpha"])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.errorbar([r["alpha"] for r in rows], [r["accuracy"] for r in rows], [r["stderr"] for r in rows], fmt="o-")
@@ -77,9 +74,7 @@ def main() -> None:
         "Reproduce: `.venv/bin/python experiments/organisms.py && .venv/bin/python experiments/reasoning_vector.py`",
         "",
     ]
-    with atomic_path(ARTIFACTS / "reasoning_vector.md") as tmp_file:
-        tmp_file.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report("reasoning_vector", {"rows": rows, "vector_norm": norm}, lines)
 
 
 if __name__ == "__main__":

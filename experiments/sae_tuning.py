@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, accuracy, split  # noqa: E402
+from common import ARTIFACTS, CACHE, accuracy, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
@@ -78,8 +78,6 @@ def main() -> None:
     report = {"sae": sae_metrics, "sae_tokens": tokens, "rows": rows,
               "loss_through": through.history, "loss_resa": resa.history, "loss_plain": plain.history}  # fmt: skip
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ARTIFACTS / "sae_tuning.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
     lines = [
         "# SAE-tuning in miniature",
         "",
@@ -99,9 +97,7 @@ def main() -> None:
         "Reproduce: `.venv/bin/python experiments/organisms.py && .venv/bin/python experiments/sae_tuning.py`",
         "",
     ]
-    with atomic_path(ARTIFACTS / "sae_tuning.md") as tmp:
-        tmp.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report("sae_tuning", report, lines)
 
 
 if __name__ == "__main__":
