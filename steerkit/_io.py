@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -43,3 +47,23 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def iter_jsonl(path: str | os.PathLike, parse: Callable[[dict], T], expected: str) -> Iterator[T]:
+    """``parse(row)`` for the JSON object on each non-empty line of a .jsonl file, read lazily.
+
+    A line that is not a JSON object, or that ``parse`` rejects (KeyError, TypeError, ValueError), is a
+    ValueError naming ``file:line`` and ``expected``.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise TypeError(f"got a JSON {type(row).__name__}")
+                value = parse(row)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+                raise ValueError(f"{path}:{number}: expected {expected} ({err})") from None
+            yield value

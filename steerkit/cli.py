@@ -58,18 +58,17 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """The JSON objects of a .jsonl file, one per non-empty line, each with the ``required`` string fields."""
     if not path.is_file():
         raise typer.BadParameter(f"{path} is not a file")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise typer.BadParameter(f"{path}:{number}: not a JSON object ({err})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in required):
-            raise typer.BadParameter(f"{path}:{number}: expected a JSON object with {list(required)} string fields")
-        rows.append(row)
-    return rows
+    from steerkit._io import iter_jsonl
+
+    def parse(row: dict) -> dict:
+        if not all(isinstance(row.get(key), str) for key in required):
+            raise TypeError(f"missing or non-string field among {list(required)}")
+        return row
+
+    try:
+        return list(iter_jsonl(path, parse, f"a JSON object with {list(required)} string fields"))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def read_texts(path: Path) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerkit._io import iter_jsonl
 from steerkit.models import chat_prompt
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -50,18 +51,13 @@ def load_pairs(name_or_path: str | Path, split: str | None = None) -> list[Pair]
         )
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS} or None")
-    pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pair = Pair(row["positive"], row["negative"], row.get("split", "train"))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
-            raise ValueError(
-                f"{path}:{number}: expected a JSON object with string 'positive' and 'negative' fields ({err})"
-            ) from None
-        pairs.append(pair)
+    pairs = list(
+        iter_jsonl(
+            path,
+            lambda row: Pair(row["positive"], row["negative"], row.get("split", "train")),
+            "a JSON object with string 'positive' and 'negative' fields",
+        )
+    )
     check_pairs(pairs)
     return [p for p in pairs if split is None or p.split == split]
 

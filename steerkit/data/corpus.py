@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from steerkit._io import atomic_path
+from steerkit._io import atomic_path, iter_jsonl
 from steerkit.models import cache_root
 
 SPLITS = ("train", "heldout")
@@ -129,14 +129,7 @@ def _file_hash(path: Path) -> str:
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_field!r} string") from err
+        yield from iter_jsonl(path, lambda row: row[text_field], f"a JSON object with a {text_field!r} string")
     else:
         text = path.read_text(encoding="utf-8")
         yield from (block.strip() for block in re.split(r"\n\s*\n", text) if block.strip())

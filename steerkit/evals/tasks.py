@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerkit._io import iter_jsonl
 from steerkit.models import chat_prompt
 
 ANSWER_PREFIX = "The answer is"
@@ -145,23 +146,17 @@ def save_task(items: list[Item], path: str | Path) -> Path:
 def _read_items(path: Path) -> list[Item]:
     if not path.is_file():
         raise FileNotFoundError(f"no task file {path}")
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            question, answer = row["question"], row["answer"]
-            options = tuple(row.get("options") or (answer,))
-            if not (isinstance(question, str) and isinstance(answer, str) and question and answer):
-                raise TypeError("question and answer must be non-empty strings")
-            if answer not in options or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"options {list(options)} must be strings and contain the answer {answer!r}")
-            items.append(Item(question, answer, options, str(row.get("kind", path.stem))))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(
-                f"{path}:{number}: expected a JSON object with 'question' and 'answer' strings ({err})"
-            ) from None
+
+    def parse(row: dict) -> Item:
+        question, answer = row["question"], row["answer"]
+        options = tuple(row.get("options") or (answer,))
+        if not (isinstance(question, str) and isinstance(answer, str) and question and answer):
+            raise TypeError("question and answer must be non-empty strings")
+        if answer not in options or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"options {list(options)} must be strings and contain the answer {answer!r}")
+        return Item(question, answer, options, str(row.get("kind", path.stem)))
+
+    items = list(iter_jsonl(path, parse, "a JSON object with 'question' and 'answer' strings"))
     if not items:
         raise ValueError(f"{path} holds no items")
     return items
