@@ -35,13 +35,15 @@ def target(tok):
     return make_tiny("llama", len(tok))
 
 
-def test_kl_tuning_lowers_the_loss_and_leaves_the_target_alone(target, tok):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_kl_tuning_lowers_the_loss_and_leaves_the_target_alone(target, tok, autocast):
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    tuned = sae_tune(target, tok, _sae(), 1, TEXTS, epochs=15, **FAST)
+    tuned = sae_tune(target, tok, _sae(), 1, TEXTS, epochs=15, autocast=autocast, **FAST)
     assert len(tuned.history) == 15 and tuned.history[-1] < 0.7 * tuned.history[0]
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
     assert not any("lora" in n for n, _ in target.named_parameters())
     assert _lora_b_norm(tuned, 2) > 0
+    assert all(p.dtype == torch.float32 for n, p in tuned.named_parameters() if "lora" in n)
 
 
 def test_grad_through_sae_switch(target, tok):

@@ -87,6 +87,7 @@ def sae_tune(
     merge: bool = False,
     force: bool = False,
     seed: int = 0,
+    autocast: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """LoRA-tune a copy of ``target`` with ``sae`` spliced in at ``layer``; the target itself is not changed.
@@ -97,7 +98,8 @@ def sae_tune(
     LoRA merged in. ``out`` saves the adapter (or, merged, a full checkpoint); ``history`` on the result
     lists the loss per step. ``lora`` updates the defaults {r: 32, lora_alpha: 128, lora_dropout: 0.05,
     target_modules: "all-linear"} (Resa's rank and α, on every linear layer but the LM head). ``skip_first``
-    leaves each row's first token unspliced, as ``splice`` does by default.
+    leaves each row's first token unspliced, as ``splice`` does by default. ``autocast=True`` runs the forward
+    passes in bf16 (the adapters and AdamW stay float32; about 2× faster on a CPU with AMX).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -131,15 +133,16 @@ def sae_tune(
         for start in range(0, len(perm), batch_size):
             chunk = [examples[i] for i in perm[start : start + batch_size]]
             input_ids, mask, answer = (t.to(device) for t in _batch(tok, chunk, max_length))
+            low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
             if loss == "kl":
-                with torch.no_grad(), model.disable_adapter():
+                with torch.no_grad(), model.disable_adapter(), low:
                     teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
             spliced = (
                 splice(base, sae, layer, skip_first=skip_first, grad_through_sae=grad_through_sae)
                 if sae is not None
                 else contextlib.nullcontext()
             )
-            with spliced:
+            with spliced, low:
                 logits = base(input_ids=input_ids, attention_mask=mask).logits.float()
             student = F.log_softmax(logits, -1)
             if loss == "kl":
