@@ -33,7 +33,7 @@ def main() -> None:
     for name in ("sft", "rl"):
         if not (CACHE / name / "config.json").is_file():
             raise SystemExit(f"no {CACHE / name}: run experiments/organisms.py first")
-    _, test = split()
+    train, test = split()
     base_dir = sk.embedded_checkpoint()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,13 +47,17 @@ def main() -> None:
                 model, tok = sk.load_model(out)
             result = accuracy(model, tok, test)
             p, n = result["accuracy"], result["n"]
-            rows.append({"alpha": alpha, **result, "stderr": math.sqrt(p * (1 - p) / n)})
+            train_acc = accuracy(model, tok, train[:200])["accuracy"]  # where the RL organism gained most
+            rows.append({"alpha": alpha, **result, "stderr": math.sqrt(p * (1 - p) / n), "train_accuracy": train_acc})
             print(rows[-1])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     norm = math.sqrt(sum(v["norm"] ** 2 for v in stats["layers"].values()))
     rows.sort(key=lambda r: r["alpha"])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.errorbar([r["alpha"] for r in rows], [r["accuracy"] for r in rows], [r["stderr"] for r in rows], fmt="o-")
+    alphas = [r["alpha"] for r in rows]
+    ax.errorbar(alphas, [r["accuracy"] for r in rows], [r["stderr"] for r in rows], fmt="o-", label="test (200)")
+    ax.plot(alphas, [r["train_accuracy"] for r in rows], "s--", label="train questions (200)")
+    ax.legend(fontsize=8)
     ax.set(xlabel="α in base + α·(θ_RL − θ_SFT)", ylabel="test accuracy", title="reasoning vector on the base")
     fig.tight_layout()
     with atomic_path(ARTIFACTS / "reasoning_vector.png") as tmp_file:
@@ -61,13 +65,14 @@ def main() -> None:
     lines = [
         "# Reasoning vector: base ± α·(θ_RL − θ_SFT)",
         "",
-        f"Greedy free-form accuracy on {len(test)} held-out questions (± binomial standard error).",
+        f"Greedy free-form accuracy on {len(test)} held-out questions (± binomial standard error), and on 200 of "
+        "the organisms' training questions.",
         "",
-        "| α | accuracy | correct | unparsed |",
-        "|---|---|---|---|",
+        "| α | test accuracy | correct | unparsed | train accuracy |",
+        "|---|---|---|---|---|",
         *(
             f"| {r['alpha']:+.2f} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {r['correct']}/{r['n']} "
-            f"| {r['unparsed']} |"
+            f"| {r['unparsed']} | {r['train_accuracy']:.3f} |"
             for r in rows
         ),
         "",
