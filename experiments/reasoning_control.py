@@ -1,9 +1,11 @@
 """Control vectors for reasoning on the organisms' task (Højer et al.; Zhao et al.'s efficiency steering).
 
-1. A reasoning vector from the base model's own samples: for training questions where 8 samples at
-   temperature 1 hold both a correct and an incorrect answer, the pair (prompt + correct, prompt +
-   incorrect); mean difference at the last token, layers 6, 10, 16. First-token accuracy, KL and entropy
-   over α on the test split (``sk.sweep``), and greedy free-form accuracy with it at layer 10.
+1. A reasoning vector from the base model's own samples: for each of the first 240 training questions, 8 samples
+   at temperature 1 (bf16 autocast); where they hold both correct and incorrect answers, up to two pairs
+   (prompt + correct, prompt + incorrect). One question in five holds out its pairs (so no question is on
+   both sides). Mean difference at the last token, layers 6, 10, 16. First-token accuracy, KL and entropy
+   over α on the test split (``sk.sweep``), and greedy free-form accuracy with it at layer 10. The spread:
+   the vector re-extracted from three random halves of the training pairs, free-form accuracy of each.
 2. The bundled ``concise`` vector (layer 4): mean completion length against accuracy when the model answers
    freely (no "The answer is" prefix, 64 new tokens) on 100 test questions.
 Writes artifacts/reasoning_transfer/reasoning_control.{md,json} and two figures.
@@ -13,6 +15,7 @@ Writes artifacts/reasoning_transfer/reasoning_control.{md,json} and two figures.
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -32,17 +35,21 @@ LAYERS, ALPHAS, SAMPLES = [6, 10, 16], (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0), 8
 
 
 def own_pairs(model, tok, items) -> list[sk.Pair]:
+    """Correct vs incorrect own samples of the same question, at most two pairs per question."""
     torch.manual_seed(0)
     prompts = [prompt(tok, it) for it in items for _ in range(SAMPLES)]
-    outs = complete(model, tok, prompts, do_sample=True, temperature=1.0, top_k=0)
-    pairs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = complete(model, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128)
+    pairs, questions = [], 0
     for q, item in enumerate(items):
-        mine = outs[q * SAMPLES : (q + 1) * SAMPLES]
+        mine = list(dict.fromkeys(outs[q * SAMPLES : (q + 1) * SAMPLES]))
         right = [o for o in mine if score(o, item)[0]]
         wrong = [o for o in mine if score(o, item)[1] is not None and not score(o, item)[0]]
         if right and wrong:
-            split_name = "test" if len(pairs) % 5 == 4 else "train"
-            pairs.append(sk.Pair(prompts[q * SAMPLES] + right[0], prompts[q * SAMPLES] + wrong[0], split_name))
+            split_name = "test" if questions % 5 == 4 else "train"
+            questions += 1
+            for r, w in list(zip(right * 2, wrong, strict=False))[:2]:
+                pairs.append(sk.Pair(prompts[q * SAMPLES] + r, prompts[q * SAMPLES] + w, split_name))
     return pairs
 
 
@@ -64,6 +71,15 @@ def main() -> None:
         with sk.steer(model, vector, alpha=alpha, layers=[10]):
             freeform.append({"alpha": alpha, **accuracy(model, tok, test)})
     report["freeform_layer10"] = freeform
+    rng = random.Random(0)
+    train_pairs = [p for p in pairs if p.split == "train"]
+    halves = []
+    for _ in range(3):
+        half = sk.extract(model, tok, rng.sample(train_pairs, len(train_pairs) // 2), layers=[10])
+        for alpha in (-1.0, 1.0):
+            with sk.steer(model, half, alpha=alpha, layers=[10]):
+                halves.append({"alpha": alpha, **accuracy(model, tok, test)})
+    report["freeform_layer10_halves"] = halves
 
     concise = sk.extract(model, tok, sk.load_pairs("concise", split="train"), layers=[4])
     free_items = test[:100]
@@ -80,7 +96,8 @@ def main() -> None:
     lines = [
         "# Control vectors for reasoning",
         "",
-        f"Own-sample vector: {len(pairs)} pairs (correct vs incorrect base-model samples of the same question).",
+        f"Own-sample vector: {len(pairs)} pairs (correct vs incorrect base-model samples of the same question; "
+        f"{sum(p.split == 'test' for p in pairs)} held out).",
         "Held-out AUROC by layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in report["separation"].items()),
         "",
         "First token on the test split (`artifacts/reasoning_transfer/reasoning_control_sweep.csv`):",
@@ -94,6 +111,11 @@ def main() -> None:
         "",
         "Greedy free-form accuracy steered at layer 10: "
         + ", ".join(f"α={r['alpha']:+.0f}: {r['accuracy']:.3f} ({r['correct']}/{r['n']})" for r in freeform),
+        "",
+        "The same with vectors from three random halves of the training pairs: "
+        + "; ".join(
+            f"α={a:+.0f}: " + ", ".join(f"{r['accuracy']:.3f}" for r in halves if r["alpha"] == a) for a in (-1, 1)
+        ),
         "",
         "Efficiency (bundled concise vector, layer 4; free answers, 64 new tokens, 100 test questions):",
         "",
