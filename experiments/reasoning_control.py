@@ -1,6 +1,6 @@
 """Control vectors for reasoning on the organisms' task (Højer et al.; Zhao et al.'s efficiency steering).
 
-1. A reasoning vector from the base model's own samples: for each of the first 240 training questions, 8 samples
+1. A reasoning vector from the base model's own samples: for each of the 600 training questions, 8 samples
    at temperature 1 (bf16 autocast); where they hold both correct and incorrect answers, up to two pairs
    (prompt + correct, prompt + incorrect). One question in five holds out its pairs (so no question is on
    both sides). Mean difference at the last token, layers 6, 10, 16. First-token accuracy, KL and entropy
@@ -57,7 +57,7 @@ def main() -> None:
     model, tok = sk.load_model("smollm2-135m-instruct")
     train, test = split()
     report: dict = {}
-    pairs = own_pairs(model, tok, train[:240])
+    pairs = own_pairs(model, tok, train)
     report["pairs"] = len(pairs)
     vector = sk.extract(model, tok, pairs, layers=LAYERS)
     report["separation"] = {str(k): v for k, v in vector.separation.items()}
