@@ -39,9 +39,12 @@ def split(n_train: int = 600, n_test: int = 200) -> tuple[list[Item], list[Item]
     return train, test
 
 
-def complete(model, tok, prompts: list[str], do_sample: bool = False, batch_size: int = 32, **kwargs) -> list[str]:
-    """Continuations of ``MAX_NEW`` tokens (greedy unless ``do_sample``)."""
-    return completions(model, tok, prompts, MAX_NEW, batch_size, do_sample=do_sample, **kwargs)
+def complete(
+    model, tok, prompts: list[str], do_sample: bool = False, batch_size: int = 32, bf16: bool = False, **kwargs
+) -> list[str]:
+    """Continuations of ``MAX_NEW`` tokens (greedy unless ``do_sample``); ``bf16``: under bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return completions(model, tok, prompts, MAX_NEW, batch_size, do_sample=do_sample, **kwargs)
 
 
 def accuracy(model, tok, items: list[Item]) -> dict:

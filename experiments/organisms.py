@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from common import ARTIFACTS, CACHE, accuracy, complete, finetune, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
-from steerkit._io import atomic_path  # noqa: E402
+from steerkit import plots  # noqa: E402
 from steerkit.evals.tasks import prompt, score  # noqa: E402
 from steerkit.sae.tune import save_checkpoint  # noqa: E402
 
@@ -55,8 +55,7 @@ def train_rl(base, tok, train, test) -> dict:
     for number, samples in enumerate(RL_SAMPLES):
         torch.manual_seed(SEED + number)
         prompts = [prompt(tok, it) for it in train for _ in range(samples)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            texts = complete(policy, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128)
+        texts = complete(policy, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128, bf16=True)
         kept: dict[tuple[int, str], None] = {}  # (question index, correct completion), in order, no repeats
         for n, text in enumerate(texts):
             if score(text, train[n // samples])[0]:
@@ -105,8 +104,7 @@ def main(stages: list[str]) -> None:
     ax.set(xlabel="RL round", ylabel="accuracy", title="model organisms")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(ARTIFACTS / "organisms.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    plots.save_figure(fig, ARTIFACTS / "organisms.png")
     lines = [
         "# Model organisms",
         "",

@@ -38,8 +38,7 @@ def own_pairs(model, tok, items) -> list[sk.Pair]:
     """Correct vs incorrect own samples of the same question, at most two pairs per question."""
     torch.manual_seed(0)
     prompts = [prompt(tok, it) for it in items for _ in range(SAMPLES)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = complete(model, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128)
+    outs = complete(model, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128, bf16=True)
     pairs, questions = [], 0
     for q, item in enumerate(items):
         mine = list(dict.fromkeys(outs[q * SAMPLES : (q + 1) * SAMPLES]))

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import ARTIFACTS, CACHE, accuracy, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
-from steerkit._io import atomic_path  # noqa: E402
+from steerkit import plots  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 1.0, 1.5)
 
@@ -60,8 +60,7 @@ def main() -> None:
     ax.legend(fontsize=8)
     ax.set(xlabel="α in base + α·(θ_RL − θ_SFT)", ylabel="test accuracy", title="reasoning vector on the base")
     fig.tight_layout()
-    with atomic_path(ARTIFACTS / "reasoning_vector.png") as tmp_file:
-        fig.savefig(tmp_file, format="png", dpi=120)
+    plots.save_figure(fig, ARTIFACTS / "reasoning_vector.png")
     lines = [
         "# Reasoning vector: base ± α·(θ_RL − θ_SFT)",
         "",

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from common import ARTIFACTS, CACHE, accuracy, split, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
+from steerkit import plots  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
 from steerkit.evals.tasks import load_task, prompt  # noqa: E402
 
@@ -133,8 +134,7 @@ def main() -> None:
     ax2.set(xlabel="step", ylabel="loss", yscale="log", title="training loss, seed 0 (KL; CE for the SFT)")
     ax2.legend(fontsize=6)
     fig.tight_layout()
-    with atomic_path(ARTIFACTS / "sae_tuning.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    plots.save_figure(fig, ARTIFACTS / "sae_tuning.png")
 
     def fmt(r):
         cells = []

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
 
 
-def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    """Write ``fig`` as a PNG to ``path`` atomically (nothing when ``path`` is None); returns ``fig``."""
     if path is not None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -31,7 +32,7 @@ def task_vector_layers(stats: dict, title: str = "task vector by layer", path=No
     ax2.set(xlabel="layer", ylabel="‖Δ‖ / ‖θ_B‖", title="relative change")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def separation(vector, title: str | None = None, path=None) -> Figure:
@@ -45,7 +46,7 @@ def separation(vector, title: str | None = None, path=None) -> Figure:
     ax2.set_ylabel("‖v‖")
     ax1.set_title(title or f"{vector.metadata.get('method', 'vector')}: separation by layer")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sweep_metrics(rows: list[dict], metrics=("kl", "entropy", "accuracy"), title: str = "", path=None) -> Figure:
@@ -61,7 +62,7 @@ def sweep_metrics(rows: list[dict], metrics=("kl", "entropy", "accuracy"), title
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pca_scatter(positive, negative, layer: int | None = None, labels=("positive", "negative"), path=None) -> Figure:
@@ -79,7 +80,7 @@ def pca_scatter(positive, negative, layer: int | None = None, labels=("positive"
     ax.set(xlabel="PC 1", ylabel="PC 2", title="activations" + (f" at layer {layer}" if layer is not None else ""))
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def length_accuracy(points: list[dict], title: str = "concise vector: length vs accuracy", path=None) -> Figure:
@@ -90,7 +91,7 @@ def length_accuracy(points: list[dict], title: str = "concise vector: length vs 
         ax.annotate(p["label"], (p["length"], p["accuracy"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set(xlabel="mean completion length (tokens)", ylabel="accuracy", title=title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sae_training(log: list[dict], title: str = "SAE training", path=None) -> Figure:
@@ -103,7 +104,7 @@ def sae_training(log: list[dict], title: str = "SAE training", path=None) -> Fig
         ax.set(xlabel="training tokens", ylabel=label, title=label)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latent_frequency(frequency, title: str = "latent firing frequency", path=None) -> Figure:
@@ -119,4 +120,4 @@ def latent_frequency(frequency, title: str = "latent firing frequency", path=Non
     ax.set(xlabel="log10 firing frequency", ylabel="latents", title=f"{title} ({dead} dead of {len(freq)})")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
