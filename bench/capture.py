@@ -23,7 +23,7 @@ warnings.simplefilter("ignore")
 import torch  # noqa: E402
 
 import steerkit as sk  # noqa: E402
-from steerkit.capture import length_batches, pad_batch, tokenize  # noqa: E402
+from steerkit.batching import length_batches, pad_batch, tokenize  # noqa: E402
 
 WORDS = (
     "the a river mountain city quiet bright old young teacher garden window morning evening story letter road "

@@ -4,7 +4,10 @@ base, A and B are 3-shard bfloat16 copies of the embedded model (A and B: base p
 fine-tunes of one initialisation), written once under bench/.cache/merge. Each merge runs in its own
 process; wall time and peak RSS (ru_maxrss from wait4) are measured per process. Both outputs are compared
 with a direct torch computation, (base + A − B in float32) rounded to bfloat16. A second steerkit run with
-smaller shards shows how peak RSS follows the shard size, not the model.
+smaller shards, and runs on synthetic checkpoints of growing size, show how peak RSS follows the largest
+tensor, not the shard size or the model. Last, a synthetic bf16 checkpoint of at least 2 GB (generated here,
+never committed) is merged with the default 5 GB shards and with 100 MB shards: the writer streams each
+tensor to disk, so the two peaks should match (target: default <= 1.5x the 100 MB run).
 
 Run: make bench   (or .venv/bin/python bench/merge.py; mergekit comes from `make bench-env`)
 """
@@ -12,6 +15,7 @@ Run: make bench   (or .venv/bin/python bench/merge.py; mergekit comes from `make
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -37,9 +41,10 @@ def prepare(shard: str) -> dict[str, Path]:
     if all((p / "model.safetensors.index.json").is_file() for p in paths.values()):
         return paths
     source = CheckpointReader(sk.embedded_checkpoint())
+    specs = {name: (source.shape(name), torch.bfloat16) for name in source}
     for seed, (name, path) in enumerate(paths.items()):
         generator = torch.Generator().manual_seed(seed)
-        with CheckpointWriter(path, max_shard_size=shard, source=source.path, force=True) as writer:
+        with CheckpointWriter(path, specs, max_shard_size=shard, source=source.path, force=True) as writer:
             for tensor_name in source:
                 t = source[tensor_name]
                 if name != "base":
@@ -54,13 +59,14 @@ def synthetic(n_tensors: int, shard: str) -> dict[str, Path]:
     paths = {name: root / name for name in ("base", "a", "b")}
     if all((p / "model.safetensors.index.json").is_file() for p in paths.values()):
         return paths
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(n_tensors)]
+    specs = {name: ((1024, 2048), torch.bfloat16) for name in names}
     for seed, path in enumerate(paths.values()):
         generator = torch.Generator().manual_seed(seed)
-        with CheckpointWriter(path, max_shard_size=shard, force=True) as writer:
-            for i in range(n_tensors):
-                t = torch.randn(1024, 2048, generator=generator).to(torch.bfloat16)
-                writer.add(f"model.layers.{i}.mlp.down_proj.weight", t)
-            writer.add_file("config.json", '{"model_type": "llama"}')
+        with CheckpointWriter(path, specs, max_shard_size=shard, force=True) as writer:
+            for name in names:
+                writer.add(name, torch.randn(1024, 2048, generator=generator).to(torch.bfloat16))
+            writer.add_file("config.json", json.dumps({"model_type": "llama", "num_hidden_layers": n_tensors}))
     return paths
 
 
@@ -122,6 +128,7 @@ def max_error(out: Path, paths: dict[str, Path]) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shard", default="100MB", help="shard size of inputs and outputs")
+    parser.add_argument("--big-gb", type=float, default=2.0, help="size of the default-shard memory check (0: skip)")
     args = parser.parse_args()
     paths = prepare(args.shard)
     n_shards = len(list(paths["base"].glob("model-*.safetensors")))
@@ -164,7 +171,23 @@ def main() -> None:
         syn = synthetic(n, "100MB")
         wall_n, rss_n = run(steerkit_cmd(syn, syn["base"].parent / "out", "100MB"))
         print(f"  {n * 4:>5} MB model: wall {wall_n:6.2f} s, peak RSS {rss_n:5.0f} MB")
-    print("\nreproduce: make bench   (or .venv/bin/python bench/merge.py)")
+    if args.big_gb > 0:
+        n = int(args.big_gb * 256)  # 4 MB tensors
+        syn = synthetic(n, "100MB")
+        size_gb = sum(f.stat().st_size for f in syn["base"].glob("*.safetensors")) / 2**30
+        print(f"\ndefault shard size vs 100MB shards, synthetic bf16 checkpoint of {size_gb:.2f} GB:")
+        peaks = {}
+        for shard in ("5GB", "100MB"):
+            out = syn["base"].parent / f"out-{shard}"
+            wall_n, peaks[shard] = run(steerkit_cmd(syn, out, shard))
+            files = len(list(out.glob("*.safetensors")))
+            print(
+                f"  output shards {shard:>5}: {files:>3} file(s), wall {wall_n:6.2f} s, peak RSS {peaks[shard]:5.0f} MB"
+            )
+            shutil.rmtree(out)
+        ratio = peaks["5GB"] / peaks["100MB"]
+        print(f"  peak RSS ratio 5GB / 100MB shards: {ratio:.2f}x (target <= 1.5x)")
+    print("\nreproduce: make bench   (or .venv/bin/python bench/merge.py [--big-gb 2])")
 
 
 if __name__ == "__main__":

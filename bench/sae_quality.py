@@ -37,7 +37,7 @@ def main() -> None:
     start = time.perf_counter()
     sae = sk.train_sae(
         model, tok, corpus, args.layer, arch="topk", d_sae=8 * 576, k=32, tokens=args.tokens, out=SAE_DIR,
-        checkpoint_every=500_000, autocast=True,
+        checkpoint_every=500_000, autocast=True, force=True,
     )  # fmt: skip
     train_s = time.perf_counter() - start
     trained = sae.cfg.metadata.steerkit["tokens"]  # whole batches of 1024: 1,999,872 for 2M
@@ -50,7 +50,7 @@ def main() -> None:
     metrics.update(train_seconds=train_s, train_tokens=trained, train_tokens_per_s=trained / train_s)
     metrics["eval_seconds"] = eval_s
     OUT.mkdir(parents=True, exist_ok=True)
-    with atomic_path(OUT / "metrics.json") as tmp:
+    with atomic_path(OUT / "metrics.json", force=True) as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
     plots.sae_training(sae.training_log, f"TopK k=32, d_sae=4608, layer {args.layer}", OUT / "training_curves.png")
     title = f"layer {args.layer}, {metrics['tokens']} held-out tokens"
@@ -74,7 +74,7 @@ def main() -> None:
             verdict = f"{op} {target}: {'met' if met else 'missed'}"
         lines.append(f"| {key} | {metrics[key]:.4g} | {verdict} |")
     lines += ["", "Reproduce: `.venv/bin/python bench/sae_quality.py`", ""]
-    with atomic_path(OUT / "report.md") as tmp:
+    with atomic_path(OUT / "report.md", force=True) as tmp:
         tmp.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -170,7 +170,7 @@ def main() -> None:
             f"| {name} | {best} | {vec.separation[best]:.3f} | {vec.separation[LAYER]:.3f} | "
             f"{min(vec.separation.values()):.3f} |"
         )
-        plots.separation(vec, title=f"{name}: held-out AUROC by layer", path=OUT / f"separation_{name}.png")
+        plots.separation(vec, title=f"{name}: held-out AUROC by layer", path=OUT / f"separation_{name}.png", force=True)
     pairs = sk.load_pairs("sentiment", split="test")
     acts = sk.capture(model, tok, [p.positive for p in pairs] + [p.negative for p in pairs], [LAYER])[:, 0]
     plots.pca_scatter(
@@ -179,6 +179,7 @@ def main() -> None:
         layer=LAYER,
         labels=("joyful", "miserable"),
         path=OUT / "pca_sentiment.png",
+        force=True,
     )
 
     # --- sentiment -----------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def main() -> None:
                 "example": texts[0].strip().replace("\n", " ")[:90],
             }
         )
-    write_csv(rows, OUT / "sentiment.csv")
+    write_csv(rows, OUT / "sentiment.csv", force=True)
     steered = [r for r in rows if r["setting"].startswith("alpha")]
     run = longest_increasing_run([r["sentiment"] for r in steered])
     alphas_run = [steered[i]["alpha"] for i in run]
@@ -262,11 +263,12 @@ def main() -> None:
         span = f"{layers_[0]}-{layers_[-1]}" if len(layers_) > 1 else str(layers_[0])
         measure(f"layers {span}, alpha={alpha:g}", alpha, layers_)
     measure("prompt: brief", 0.0, system=brief)
-    write_csv(rows, OUT / "concise.csv")
+    write_csv(rows, OUT / "concise.csv", force=True)
     base = rows[0]
     plots.length_accuracy(
         [{"label": r["setting"], "length": r["mean_length"], "accuracy": r["accuracy"]} for r in rows],
         path=OUT / "concise_length_accuracy.png",
+        force=True,
     )
     report += [
         "",
@@ -297,12 +299,13 @@ def main() -> None:
     for task, kwargs in (("arithmetic", {"steps": 2}), ("deduction", {})):
         task_items = load_task(task, n=24 if args.quick else 48, seed=3, **kwargs)
         rows = sk.sweep(model, tok, vectors["reasoning"], task_items, alphas=r_alphas, layers=r_layers)
-        write_csv(rows, OUT / f"reasoning_{task}.csv")
+        write_csv(rows, OUT / f"reasoning_{task}.csv", force=True)
         plots.sweep_metrics(
             rows,
             metrics=("accuracy", "kl", "entropy", "mass_correct"),
             title=f"reasoning vector on {task}",
             path=OUT / f"reasoning_{task}.png",
+            force=True,
         )
         report += [
             f"### {task} ({len(task_items)} items, 4 options)",
@@ -317,7 +320,7 @@ def main() -> None:
         ]
         report.append("")
     report.append(f"Total time: {time.time() - start:.0f} s.")
-    with atomic_path(OUT / "report.md") as tmp:
+    with atomic_path(OUT / "report.md", force=True) as tmp:
         tmp.write_text("\n".join(report) + "\n")
     print("\n".join(report))
     print(f"\nwrote {OUT}/report.md\nreproduce: .venv/bin/python bench/steering_effect.py")

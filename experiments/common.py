@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerkit._io import atomic_path
-from steerkit.capture import pad_batch, pad_id
+from steerkit.batching import pad_batch, pad_id
 from steerkit.evals.tasks import Item, grade, load_task, prompt
 from steerkit.steer import completions
 
@@ -93,8 +93,8 @@ def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float
 def write_report(name: str, data: dict, lines: list[str]) -> None:
     """``ARTIFACTS/{name}.json`` (the numbers) and ``{name}.md`` (the report), each atomically; prints the report."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ARTIFACTS / f"{name}.json") as tmp:
+    with atomic_path(ARTIFACTS / f"{name}.json", force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
-    with atomic_path(ARTIFACTS / f"{name}.md") as tmp:
+    with atomic_path(ARTIFACTS / f"{name}.md", force=True) as tmp:
         tmp.write_text("\n".join(lines))
     print("\n".join(lines))

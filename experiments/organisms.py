@@ -104,7 +104,7 @@ def main(stages: list[str]) -> None:
     ax.set(xlabel="RL round", ylabel="accuracy", title="model organisms")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    plots.save_figure(fig, ARTIFACTS / "organisms.png")
+    plots.save_figure(fig, ARTIFACTS / "organisms.png", force=True)
     lines = [
         "# Model organisms",
         "",

@@ -63,8 +63,10 @@ def main() -> None:
     rows = sk.sweep(model, tok, vector, test, alphas=ALPHAS, layers=LAYERS)
     report["sweep"] = rows
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, ARTIFACTS / "reasoning_control_sweep.csv")
-    plots.sweep_metrics(rows, title="own-sample reasoning vector", path=ARTIFACTS / "reasoning_control_sweep.png")
+    write_csv(rows, ARTIFACTS / "reasoning_control_sweep.csv", force=True)
+    plots.sweep_metrics(
+        rows, title="own-sample reasoning vector", path=ARTIFACTS / "reasoning_control_sweep.png", force=True
+    )
     freeform = []
     for alpha in (-1.0, 0.0, 1.0):
         with sk.steer(model, vector, alpha=alpha, layers=[10]):
@@ -91,7 +93,7 @@ def main() -> None:
         graded = grade(outs, free_items)
         points.append({"label": f"α={alpha}", "alpha": alpha, "length": sum(lengths) / len(lengths), **graded})
     report["efficiency"] = points
-    plots.length_accuracy(points, "concise vector (layer 4) on the task", path=ARTIFACTS / "efficiency.png")
+    plots.length_accuracy(points, "concise vector (layer 4) on the task", path=ARTIFACTS / "efficiency.png", force=True)
     lines = [
         "# Control vectors for reasoning",
         "",

@@ -60,7 +60,7 @@ def main() -> None:
     ax.legend(fontsize=8)
     ax.set(xlabel="α in base + α·(θ_RL − θ_SFT)", ylabel="test accuracy", title="reasoning vector on the base")
     fig.tight_layout()
-    plots.save_figure(fig, ARTIFACTS / "reasoning_vector.png")
+    plots.save_figure(fig, ARTIFACTS / "reasoning_vector.png", force=True)
     lines = [
         "# Reasoning vector: base ± α·(θ_RL − θ_SFT)",
         "",

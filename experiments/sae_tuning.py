@@ -50,7 +50,7 @@ def task_corpus(tok, test) -> sk.data.corpus.Corpus:
     items = [it for s in (1, 2) for it in load_task("arithmetic", n=1500, steps=s, seed=300 + s)]
     texts = [prompt(tok, it) + f"{it.answer}." for it in items if it.question not in held]
     path = CACHE / "sae_task_corpus.jsonl"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=True) as tmp:
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return sk.load_corpus(path)
 
@@ -67,7 +67,7 @@ def main() -> None:
     start = time.perf_counter()
     rl16, _ = sk.load_model(CACHE / "rl", dtype=torch.bfloat16)
     sae = sk.train_sae(rl16, tok, corpus, LAYER, d_sae=4608, k=32, tokens=tokens, autocast=True,
-                       out=CACHE / "sae_rl", progress=False)  # fmt: skip
+                       out=CACHE / "sae_rl", progress=False, force=True)  # fmt: skip
     sae_seconds = time.perf_counter() - start
     del rl16
     rl, _ = sk.load_model(CACHE / "rl")
@@ -134,7 +134,7 @@ def main() -> None:
     ax2.set(xlabel="step", ylabel="loss", yscale="log", title="training loss, seed 0 (KL; CE for the SFT)")
     ax2.legend(fontsize=6)
     fig.tight_layout()
-    plots.save_figure(fig, ARTIFACTS / "sae_tuning.png")
+    plots.save_figure(fig, ARTIFACTS / "sae_tuning.png", force=True)
 
     def fmt(r):
         cells = []

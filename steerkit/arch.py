@@ -86,12 +86,15 @@ def _resolve(root: nn.Module, path: str) -> nn.Module | None:
     return obj
 
 
-def _config_depth(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+def config_depth(config) -> int | None:
+    """Number of decoder blocks a config declares (a transformers config or its ``config.json`` dict)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    inner = get("text_config")
+    if inner:
+        return config_depth(inner)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
+        if isinstance(get(name), int):
+            return get(name)
     return None
 
 
@@ -111,7 +114,7 @@ def get_blocks(model: nn.Module, blocks: str | None = None) -> nn.ModuleList:
     if blocks:
         raise ValueError(f"blocks={blocks!r} is not a non-empty nn.ModuleList on {type(model).__name__}")
     # Generic search: the ModuleList whose length equals the configured depth.
-    depth = _config_depth(model)
+    depth = config_depth(getattr(model, "config", None))
     candidates = [
         (name, mod)
         for name, mod in model.named_modules()
@@ -169,16 +172,74 @@ def check_layer(model: nn.Module, layer: int, blocks: str | None = None) -> int:
     return validate_layer(layer, len(get_blocks(model, blocks)))
 
 
+def _items(spec: str) -> list[str]:
+    items = [part.strip() for part in str(spec).split(",")]
+    if not all(items):
+        raise ValueError(f"layers {spec!r} has an empty item: expected e.g. '12', '4,8,12' or '4-25'")
+    return items
+
+
+def _span(part: str, spec: str) -> range:
+    """The blocks of one item of a layer spec: ``"12"`` or an inclusive, increasing ``"4-25"``."""
+    lo, sep, hi = part.partition("-")
+    try:
+        start = int(lo)
+        stop = int(hi) if sep else start
+    except ValueError:
+        raise ValueError(
+            f"cannot read layers {spec!r}: expected 'all', '12', '4,8,12' or '4-25' (0-based block indices)"
+        ) from None
+    if stop < start:
+        raise ValueError(f"layers {spec!r}: the range {part!r} runs backwards (write '{stop}-{start}')")
+    return range(start, stop + 1)
+
+
+def layer_list(layers, n_layers: int, name: str = "layers", repeats: bool = False) -> list[int]:
+    """Block indices from an int, a spec string (see ``parse_layers``) or an iterable of ints.
+
+    Every index must lie in ``0..n_layers-1``; an empty list is an error, and so is a repeat unless ``repeats``.
+    """
+    if isinstance(layers, str):
+        return parse_layers(layers, n_layers)
+    items = [layers] if isinstance(layers, int) else list(layers)
+    if not items:
+        raise ValueError(f"{name} is empty: expected block indices in 0..{n_layers - 1}")
+    out = [validate_layer(layer, n_layers) for layer in items]
+    repeated = sorted({layer for layer in out if out.count(layer) > 1})
+    if repeated and not repeats:
+        raise ValueError(f"{name} {items} name block(s) {repeated} more than once")
+    return out
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """Layers from a command-line spec: ``"all"``, ``"12"``, ``"4,8,12"``, ``"4-25"`` (inclusive) or a mix."""
-    if spec.strip() == "all":
+    """Layers from a spec: ``"all"``, ``"12"``, ``"4,8,12"``, ``"4-25"`` (inclusive) or a mix, 0-based.
+
+    Backward ranges (``"5-3"``), empty items, repeats and blocks outside ``0..n_layers-1`` are errors.
+    """
+    if str(spec).strip() == "all":
         return list(range(n_layers))
-    layers: list[int] = []
-    for part in spec.split(","):
-        lo, sep, hi = part.strip().partition("-")
+    layers = [layer for part in _items(spec) for layer in _span(part, spec)]
+    return layer_list(layers, n_layers, name=f"layers {spec!r}")
+
+
+def parse_layer_values(spec: str, n_layers: int) -> dict[int, float]:
+    """Per-layer numbers from ``"0-9:0.5,10:1.5"`` (LAYERS:VALUE items, layers as in ``parse_layers``)."""
+    from steerkit._checks import finite
+
+    out: dict[int, float] = {}
+    for part in _items(spec):
+        layers, sep, value = part.rpartition(":")
         try:
-            span = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+            number = finite(float(value), f"the value in {part!r}")
         except ValueError:
-            raise ValueError(f"cannot read layers {spec!r}: expected 'all', '12', '4,8,12' or '4-25'") from None
-        layers.extend(validate_layer(layer, n_layers) for layer in span)
-    return layers
+            number = None
+        if not sep or not layers or number is None:
+            raise ValueError(
+                f"cannot read {part!r} in {spec!r}: expected LAYERS:VALUE with a finite number, e.g. '0-9:0.5'"
+            )
+        for layer in _span(layers.strip(), spec):
+            layer = validate_layer(layer, n_layers)
+            if layer in out:
+                raise ValueError(f"{spec!r} gives layer {layer} twice")
+            out[layer] = number
+    return out

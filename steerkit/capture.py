@@ -7,7 +7,6 @@ the model (final norm, LM head) never runs.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,18 +17,11 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit.backends import runner_for
+from steerkit.batching import check_texts, length_batches, pad_batch, pad_id, tokenize
+from steerkit.hooks import StopForward, intervene
 
 Position = Literal["last", "mean", "all"] | int
 POSITIONS = ("last", "mean", "all")
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early; a ``Recorder(stop=True)`` swallows it."""
-
-
-def block_hidden(output) -> torch.Tensor:
-    """The hidden-state tensor in a block's output (blocks return a tensor or a tuple starting with one)."""
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 class Recorder:
@@ -44,33 +36,32 @@ class Recorder:
     block swallows it, so code after the call inside the block does not run.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], stop: bool = False, blocks: str | None = None):
+    def __init__(self, model: nn.Module, layers, stop: bool = False, blocks: str | None = None):
         self.model = model
-        self.layers = [arch.check_layer(model, layer, blocks) for layer in layers]
+        self.layers = sorted(set(arch.layer_list(layers, len(arch.get_blocks(model, blocks)), repeats=True)))
         self.stop = stop
-        self._blocks = arch.get_blocks(model, blocks)
-        self._handles: list = []
+        self.blocks = blocks
+        self._context = None
         self.records: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
 
-    def _hook(self, layer: int, last: bool):
-        def hook(_module, _inputs, output):
-            self.records[layer].append(block_hidden(output).detach())
+    def _fn(self, layer: int, last: bool):
+        def record(h, _tracker):
+            self.records[layer].append(h.detach())
             if last:
                 raise StopForward
 
-        return hook
+        return record
 
     def __enter__(self) -> Recorder:
         deepest = max(self.layers)
-        for layer in set(self.layers):
-            hook = self._hook(layer, last=self.stop and layer == deepest)
-            self._handles.append(self._blocks[layer].register_forward_hook(hook))
+        fns = {layer: self._fn(layer, last=self.stop and layer == deepest) for layer in self.layers}
+        self._context = intervene(self.model, fns, self.blocks)
+        self._context.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        context, self._context = self._context, None
+        context.__exit__(exc_type, exc, tb)
         return exc_type is not None and issubclass(exc_type, StopForward)
 
     def __getitem__(self, layer: int) -> torch.Tensor:
@@ -105,75 +96,6 @@ class _HFRunner:
         with Recorder(self.model, layers, stop=True, blocks=self.blocks) as rec:
             self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return {layer: rec[layer] for layer in layers}
-
-
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, not one string (wrap it: [text])")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: capture needs at least one text")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"texts[{i}] is {text!r}: expected a non-empty string")
-    return texts
-
-
-def _check_layers(layers, n_layers: int) -> list[int]:
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    if not layers:
-        raise ValueError(f"layers is empty: pass block indices in 0..{n_layers - 1}")
-    return [arch.validate_layer(layer, n_layers) for layer in layers]
-
-
-def tokenize(
-    tok, texts: list[str], max_length: int | None, truncate: bool, add_special_tokens: bool = True
-) -> list[list[int]]:
-    """Token ids per text; a text over ``max_length`` is cut (with a warning) or refused."""
-    ids = tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    if max_length is not None:
-        long = [i for i, row in enumerate(ids) if len(row) > max_length]
-        if long and not truncate:
-            raise ValueError(
-                f"{len(long)} text(s) exceed the context of {max_length} tokens (first: texts[{long[0]}] with "
-                f"{len(ids[long[0]])} tokens); pass truncate=True to cut them or max_length= to change the limit"
-            )
-        if long:
-            warnings.warn(f"truncated {len(long)} text(s) to {max_length} tokens", stacklevel=3)
-            ids = [row[:max_length] for row in ids]
-    if any(len(row) == 0 for row in ids):
-        raise ValueError("a text tokenized to zero tokens")
-    return ids
-
-
-def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``position_ids`` for a batch padded on ``side``.
-
-    Position ids count real tokens only, so a left-padded text sees the same positions as when run alone.
-    """
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def length_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices of ``ids`` grouped into batches of similar length (shortest first), so padding costs little."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def pad_id(tok) -> int:
-    """The id to pad with: pad, else eos, else unk (padding is masked, so any id would do)."""
-    for tid in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0  # masked out everywhere, so any id will do
 
 
 def select_positions(hidden: torch.Tensor, mask: torch.Tensor, position: Position, text_ids=None) -> torch.Tensor:
@@ -228,12 +150,12 @@ def capture(
         raise ValueError(f"position={position!r}: expected one of {POSITIONS} or an int token index")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive int")
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     runner = runner_for(model, blocks) or _HFRunner(model, blocks)
     tok = tok if tok is not None else runner.tokenizer
     if tok is None:
         raise ValueError("no tokenizer: pass tok=")
-    layers = _check_layers(layers, runner.n_layers)
+    layers = arch.layer_list(layers, runner.n_layers, repeats=True)
     ids = tokenize(tok, texts, max_length or runner.context_length, truncate)
     side = runner.padding_side or getattr(tok, "padding_side", "right")
     unique = sorted(set(layers))

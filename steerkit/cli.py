@@ -1,4 +1,9 @@
-"""The ``steerkit`` command line: one thin subcommand per capability; the logic lives in the library."""
+"""The ``steerkit`` command line: one thin subcommand per capability; the logic lives in the library.
+
+Every command checks what it can before a model loads (input files, layer specs, vector files, the output
+path) and ends an expected failure with one ``error:`` line and exit code 2; an interrupt exits 130.
+Outputs follow the library's rules: an existing output is replaced only with ``--force``, never an input.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="steerkit: read behaviours out of language models (activations, directions) and write them back in.",
+    help="steerkit: read behaviours out of language models (activations, directions) and write them back in. "
+    "Layers are 0-based decoder blocks: layer i is the residual stream after block i.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -18,15 +24,34 @@ app = typer.Typer(
 VectorOpt = Annotated[
     Path, typer.Option("--vector", "-v", help="A steerkit vector (.safetensors) or a control-vector .gguf.")
 ]
-LayersOpt = Annotated[str | None, typer.Option(help="Only these of the vector's layers, e.g. '10' or '8-12'.")]
+LayersOpt = Annotated[
+    str | None, typer.Option(help="Only these of the vector's layers (0-based blocks), e.g. '10' or '8-12'.")
+]
 ModelArg = Annotated[
     str, typer.Option("--model", "-m", help="Embedded model name (see `steerkit models`), checkpoint dir or hub id.")
 ]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing output (never an input of the command, the working directory or home); "
+        "the old output is kept until the new one is complete."
+    ),
+]
+LAYER_SPEC = "'all', '12', '4,8,12' or '4-25' (inclusive, 0-based blocks)"
 
 
 def _parse_position(value: str) -> str | int:
     """A token position from the command line: a name such as 'last', or an int index such as -1."""
     return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _parse_alpha(value: str) -> float:
+    from steerkit._checks import finite
+
+    try:
+        return finite(float(value))
+    except ValueError:
+        raise typer.BadParameter(f"alpha {value!r} is not a finite number", param_hint="--alpha") from None
 
 
 def _human(n: int | None) -> str:
@@ -37,6 +62,45 @@ def _human(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _model_inputs(model: str) -> list[Path]:
+    """The model's checkpoint folder, when it is one on disk (an output must never replace it)."""
+    from steerkit.models import EMBEDDED
+
+    path = Path(model).expanduser()
+    return [path] if model not in EMBEDDED and path.exists() else []
+
+
+def _depth(model: str) -> int:
+    """The model's number of blocks, read from its config without loading weights."""
+    from steerkit.arch import config_depth
+    from steerkit.models import load_config
+
+    depth = config_depth(load_config(model))
+    if depth is None:
+        raise ValueError(f"cannot read the number of layers from {model}'s config")
+    return depth
+
+
+def _layers(spec: str, model: str) -> list[int]:
+    from steerkit.arch import parse_layers
+
+    return parse_layers(spec, _depth(model))
+
+
+def _output(path: Path, force: bool, inputs=(), directory: bool = False) -> Path:
+    from steerkit._io import check_output
+
+    return check_output(path, force=force, inputs=inputs, directory=directory)
+
+
+def _load_vector(path: Path):
+    import steerkit as sk
+
+    if not path.is_file():
+        raise FileNotFoundError(f"vector file {path} does not exist")
+    return sk.SteeringVector.load(path)
 
 
 @app.command()
@@ -73,11 +137,17 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
 
 def read_texts(path: Path) -> list[str]:
     """Texts from a file: one per line (.txt), or the ``text`` field of each line (.jsonl)."""
+    from steerkit._io import read_text
+
     if not path.is_file():
         raise typer.BadParameter(f"{path} is not a file", param_hint="--texts")
     if path.suffix == ".jsonl":
-        return [row["text"] for row in read_jsonl(path, required=("text",))]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [row["text"] for row in read_jsonl(path, required=("text",))]
+    else:
+        texts = [line for line in read_text(path, "texts file").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no texts")
+    return texts
 
 
 @app.command()
@@ -87,10 +157,11 @@ def capture(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Safetensors file to write.")],
     model: ModelArg = "smollm2-135m-instruct",
-    layers: Annotated[str, typer.Option(help="'all', '12', '4,8,12' or '4-25' (inclusive).")] = "all",
+    layers: Annotated[str, typer.Option(help=LAYER_SPEC + ".")] = "all",
     position: Annotated[str, typer.Option(help="'last', 'mean', 'all' or a token index such as -1.")] = "last",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
     truncate: Annotated[bool, typer.Option(help="Cut texts longer than the context instead of failing.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Capture residual-stream activations (block outputs) for each text and write them to a safetensors file.
 
@@ -99,27 +170,21 @@ def capture(
     """
     import steerkit as sk
     from steerkit._io import save_safetensors
-    from steerkit.arch import parse_layers
 
     items = read_texts(texts)
-    mdl, tok = sk.load_model(model)
-    layer_list = parse_layers(layers, sk.num_layers(mdl))
+    inputs = [texts, *_model_inputs(model)]
+    _output(output, force, inputs)
+    layer_list = _layers(layers, model)
     pos = _parse_position(position)
+    mdl, tok = sk.load_model(model)
     result = sk.capture(
         mdl, tok, items, layer_list, position=pos, batch_size=batch_size, truncate=truncate, progress=True
     )
     tensors = {"activations": result[0], "rows": result[1]} if pos == "all" else {"activations": result}
     meta = {"model": model, "layers": json.dumps(layer_list), "position": str(pos), "n_texts": str(len(items))}
-    save_safetensors(tensors, output, meta)
+    save_safetensors(tensors, output, meta, force=force, inputs=inputs)
     shape = tuple(tensors["activations"].shape)
     typer.echo(f"wrote {output}: activations {shape}, layers {layers}, position {pos}")
-
-
-def _parse_alpha(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise typer.BadParameter(f"alpha {value!r} is not a number") from None
 
 
 @app.command()
@@ -134,12 +199,13 @@ def extract(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Vector file to write (.safetensors).")],
     model: ModelArg = "smollm2-135m-instruct",
-    layers: Annotated[str, typer.Option(help="'all', '12', '4,8,12' or '4-25' (inclusive).")] = "all",
+    layers: Annotated[str, typer.Option(help=LAYER_SPEC + ".")] = "all",
     method: Annotated[
         str, typer.Option(help="mean_diff (default), pca_diff, pca_center, probe or mean_positive.")
     ] = "mean_diff",
     position: Annotated[str, typer.Option(help="Token read from each text: 'last', 'mean' or an index.")] = "last",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
+    force: ForceOpt = False,
 ) -> None:
     """Extract a steering vector (one direction per layer) from contrastive pairs and save it.
 
@@ -147,14 +213,17 @@ def extract(
     layers are where steering is most likely to work. Use the file with `steerkit generate` or `export-gguf`.
     """
     import steerkit as sk
-    from steerkit.arch import parse_layers
 
-    mdl, tok = sk.load_model(model)
+    if method not in sk.METHODS:
+        raise typer.BadParameter(f"{method!r}: expected one of {list(sk.METHODS)}", param_hint="--method")
     items = sk.load_pairs(pairs)
-    layer_list = parse_layers(layers, sk.num_layers(mdl))
+    inputs = ([Path(pairs)] if Path(pairs).is_file() else []) + _model_inputs(model)
+    _output(output, force, inputs)
+    layer_list = _layers(layers, model)
     pos = _parse_position(position)
+    mdl, tok = sk.load_model(model)
     vec = sk.extract(mdl, tok, items, layer_list, method=method, position=pos, batch_size=batch_size, progress=True)
-    vec.save(output)
+    vec.save(output, force=force, inputs=inputs)
     typer.echo(f"{'layer':>5} {'AUROC':>6} {'norm':>8}")
     for layer in vec.layers:
         auc = vec.separation.get(layer)
@@ -180,13 +249,12 @@ def generate(
 ) -> None:
     """Generate greedily with and without steering and print the completions side by side."""
     import steerkit as sk
-    from steerkit.arch import parse_layers
 
-    vec = sk.SteeringVector.load(vector)
-    mdl, tok = sk.load_model(model)
-    layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
-    pos = _parse_position(positions)
+    vec = _load_vector(vector)
     a = _parse_alpha(alpha)
+    layer_list = _layers(layers, model) if layers else None
+    pos = _parse_position(positions)
+    mdl, tok = sk.load_model(model)
     rows = sk.generate(
         mdl,
         tok,
@@ -213,12 +281,11 @@ def export_gguf(
     skip_layer0: Annotated[
         bool, typer.Option(help="Drop layer 0, which llama.cpp cannot steer, instead of failing.")
     ] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Write a vector as a llama.cpp control vector (direction.{i}, float32), e.g. for llama-cli --control-vector."""
-    import steerkit as sk
-
-    vec = sk.SteeringVector.load(vector)
-    vec.to_gguf(output, model_hint=model_hint, skip_layer0=skip_layer0)
+    vec = _load_vector(vector)
+    vec.to_gguf(output, model_hint=model_hint, skip_layer0=skip_layer0, force=force, inputs=[vector])
     typer.echo(f"wrote {output}: layers {[layer for layer in vec.layers if layer or not skip_layer0]}")
 
 
@@ -226,12 +293,15 @@ def export_gguf(
 def import_gguf(
     gguf_file: Annotated[Path, typer.Argument(help="A llama.cpp or repeng control-vector .gguf.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="steerkit vector file to write (.safetensors).")],
+    force: ForceOpt = False,
 ) -> None:
     """Read a llama.cpp / repeng control-vector GGUF and save it as a steerkit vector."""
     import steerkit as sk
 
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
     vec = sk.SteeringVector.from_gguf(gguf_file)
-    vec.save(output)
+    vec.save(output, force=force, inputs=[gguf_file])
     typer.echo(f"wrote {output}: layers {vec.layers}, d_model {vec.d_model}")
 
 
@@ -248,6 +318,7 @@ def sweep(
     layers: Annotated[str | None, typer.Option(help="Layers to steer, each alone (default: the vector's).")] = None,
     together: Annotated[bool, typer.Option(help="Steer all listed layers at once instead of one at a time.")] = False,
     n: Annotated[int, typer.Option(help="Task items.")] = 48,
+    force: ForceOpt = False,
 ) -> None:
     """Sweep alpha (and layer) and measure the first generated token, writing a CSV and a figure.
 
@@ -256,41 +327,30 @@ def sweep(
     """
     import steerkit as sk
     from steerkit import plots
-    from steerkit.arch import parse_layers
-    from steerkit.evals import write_csv
+    from steerkit.evals import TASKS, write_csv
 
     if (task is None) == (prompts is None):
         raise typer.BadParameter("pass exactly one of --task and --prompts")
+    if task is not None and task not in TASKS and not task.endswith(".jsonl"):
+        raise ValueError(f"no task {task!r}: valid tasks are {sorted(TASKS)} or a .jsonl file")
     try:
         alpha_list = [float(a) for a in alphas.split(",")]
     except ValueError:
         raise typer.BadParameter(f"cannot read alphas {alphas!r}: expected numbers separated by commas") from None
-    vec = sk.SteeringVector.load(vector)
-    mdl, tok = sk.load_model(model)
-    layer_list = parse_layers(layers, sk.num_layers(mdl)) if layers else None
+    vec = _load_vector(vector)
     source = task if task is not None else read_texts(prompts)
+    inputs = [vector, *([prompts] if prompts else []), *_model_inputs(model)]
+    figure = output.with_suffix(".png")
+    for path in (output, figure):
+        _output(path, force, inputs)
+    layer_list = _layers(layers, model) if layers else None
+    mdl, tok = sk.load_model(model)
     rows = sk.sweep(mdl, tok, vec, source, alphas=alpha_list, layers=layer_list, together=together, n=n)
-    write_csv(rows, output)
-    plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=output.with_suffix(".png"))
+    write_csv(rows, output, force=force)
+    plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=figure, force=force)
     for row in rows:
         typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
-
-
-def _parse_layer_alphas(spec: str) -> dict[int, float]:
-    """``"0-9:0.5,10:1.5"`` -> {0: 0.5, ..., 9: 0.5, 10: 1.5}."""
-    out: dict[int, float] = {}
-    for part in spec.split(","):
-        layers, sep, value = part.strip().rpartition(":")
-        if not sep or not layers:
-            raise typer.BadParameter(f"cannot read {part!r}: expected LAYERS:MULTIPLIER, e.g. '0-9:0.5'")
-        lo, dash, hi = layers.partition("-")
-        try:
-            span = range(int(lo), int(hi) + 1) if dash else [int(lo)]
-            out.update(dict.fromkeys(span, float(value)))
-        except ValueError:
-            raise typer.BadParameter(f"cannot read {part!r}: expected LAYERS:MULTIPLIER, e.g. '0-9:0.5'") from None
-    return out
+    typer.echo(f"wrote {output} and {figure}")
 
 
 @app.command()
@@ -302,11 +362,13 @@ def diff(
     common_rows: Annotated[
         bool, typer.Option(help="For tensors of different row counts, take the shared rows.")
     ] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Compute the task vector A - B tensor by tensor (float32), print its size by layer, optionally save it."""
     import steerkit as sk
 
+    if output is not None:
+        _output(output, force, [a, b], directory=True)
     tv = sk.TaskVector.between(a, b, exclude=exclude, common_rows=common_rows)
     stats = tv.stats()
     typer.echo(f"{'layer':>6} {'|delta|':>10} {'|delta|/|B|':>12}")
@@ -327,11 +389,11 @@ def merge(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
     method: Annotated[str, typer.Option(help="task_arithmetic, ties or dare.")] = "task_arithmetic",
     alpha_by_layer: Annotated[
-        str | None, typer.Option(help="Per-layer multipliers of every alpha, e.g. '0-9:0.5,10-29:1'.")
+        str | None, typer.Option(help="Per-layer multipliers of every alpha, e.g. '0-9:0.5,10-29:1' (0-based blocks).")
     ] = None,
     density: Annotated[float, typer.Option(help="Kept fraction for ties and dare.")] = 0.5,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
-    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Merge task vectors into a base: out = base + sum(alpha * vector), written as a plain HF checkpoint.
 
@@ -346,13 +408,13 @@ def merge(
         if not sep or not path:
             raise typer.BadParameter(f"--add {item!r}: expected DIR:ALPHA, e.g. vec_dir:1.0")
         vectors.append((path, _parse_alpha(alpha)))
-    scales = _parse_layer_alphas(alpha_by_layer) if alpha_by_layer else None
+    _output(output, force, [*_model_inputs(base), *(path for path, _ in vectors)], directory=True)
     sk.merge(
         base,
         vectors,
         output,
         method=method,
-        alpha_by_layer=scales,
+        alpha_by_layer=alpha_by_layer,
         density=density,
         max_shard_size=max_shard_size,
         force=force,
@@ -371,7 +433,7 @@ def bake(
     ] = "1.0",
     layers: LayersOpt = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
-    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Bake a steering vector into weights: a checkpoint that any engine serves steered, without steerkit.
 
@@ -379,11 +441,12 @@ def bake(
     GPT-NeoX). Architectures without such a bias get an error; use export-gguf or hook steering there.
     """
     import steerkit as sk
-    from steerkit.arch import parse_layers
 
-    vec = sk.SteeringVector.load(vector)
-    chosen = parse_layers(layers, max(vec.layers) + 1) if layers else None
-    sk.bake(base, vec, _parse_alpha(alpha), output, layers=chosen, max_shard_size=max_shard_size, force=force)
+    vec = _load_vector(vector)
+    a = _parse_alpha(alpha)
+    _output(output, force, [*_model_inputs(base), vector], directory=True)
+    chosen = _layers(layers, base) if layers else None
+    sk.bake(base, vec, a, output, layers=chosen, max_shard_size=max_shard_size, force=force)
     typer.echo(f"wrote {output}")
 
 
@@ -396,7 +459,7 @@ CorpusOpt = Annotated[
 @app.command("train-sae")
 def train_sae(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (sae-lens format).")],
-    layer: Annotated[str, typer.Option(help="Block whose output the SAE reads; several, e.g. '6,13': one each.")],
+    layer: Annotated[str, typer.Option(help="Block whose output the SAE reads (0-based); several, e.g. '6,13'.")],
     model: ModelArg = "smollm2-135m-instruct",
     corpus: CorpusOpt = "default",
     arch: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or standard (ReLU + L1).")] = "topk",
@@ -408,7 +471,7 @@ def train_sae(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 2e-4*sqrt(16384/d_sae)).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N tokens.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Train a sparse autoencoder on a block's output, writing a directory sae-lens loads.
 
@@ -417,16 +480,20 @@ def train_sae(
     """
     import steerkit as sk
     from steerkit import plots
+    from steerkit.sae.train import ARCHS
 
-    if output.exists() and not force:
-        raise typer.BadParameter(f"{output} exists; pass --force to replace it", param_hint="--output")
+    if arch not in ARCHS:
+        raise typer.BadParameter(f"{arch!r}: expected one of {list(ARCHS)}", param_hint="--arch")
+    layers = _layers(layer, model)
+    text = sk.load_corpus(corpus)
+    _output(output, force, [*([text.source] if text.source else []), *_model_inputs(model)], directory=True)
     mdl, tok = sk.load_model(model)
-    layers = [int(x) for x in layer.split(",")] if "," in layer else int(layer)
     result = sk.train_sae(
-        mdl, tok, sk.load_corpus(corpus), layers, arch=arch, d_sae=d_sae, k=k, tokens=tokens, ctx_len=ctx_len,
-        batch_size=batch_size, lr=lr, out=output, checkpoint_every=checkpoint_every, resume=resume,
+        mdl, tok, text, layers if len(layers) > 1 else layers[0], arch=arch, d_sae=d_sae, k=k, tokens=tokens,
+        ctx_len=ctx_len, batch_size=batch_size, lr=lr, out=output, checkpoint_every=checkpoint_every,
+        resume=resume, force=force,
     )  # fmt: skip
-    saes = result if isinstance(result, dict) else {layers: result}
+    saes = result if isinstance(result, dict) else {layers[0]: result}
     for value, sae in saes.items():
         folder = output if len(saes) == 1 else output / f"layer_{value}"
         plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=folder / "training_curves.png")
@@ -440,35 +507,43 @@ def train_sae(
 @app.command("eval-sae")
 def eval_sae(
     sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format).")],
-    layer: Annotated[int, typer.Option(help="The block it reads.")],
+    layer: Annotated[int, typer.Option(help="The block it reads (0-based).")],
     model: ModelArg = "smollm2-135m-instruct",
     corpus: CorpusOpt = "default",
     tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON file for the metrics.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Evaluate an SAE on held-out text: explained variance, MSE, L0, dead / dense latents, CE loss recovered
     and KL score when spliced in (against zero-ablating the block). Draws the latent-frequency histogram
     beside the JSON."""
     import steerkit as sk
     from steerkit import plots
-    from steerkit._io import atomic_path
+    from steerkit._io import write_text
 
+    loaded = sk.load_sae(sae)
+    _layers(str(layer), model)
+    text = sk.load_corpus(corpus)
+    inputs = [sae, *([text.source] if text.source else []), *_model_inputs(model)]
+    if output is not None:
+        for path in (output, output.with_suffix(".png")):
+            _output(path, force, inputs)
     mdl, tok = sk.load_model(model)
-    metrics = sk.evaluate_sae(mdl, tok, sk.load_sae(sae), layer, sk.load_corpus(corpus), tokens=tokens)
+    metrics = sk.evaluate_sae(mdl, tok, loaded, layer, text, tokens=tokens)
     frequency = metrics.pop("latent_frequency")
     for key, value in metrics.items():
         typer.echo(f"{key:>20}: {value:.4g}")
     if output is not None:
-        with atomic_path(output) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=1))
-        plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=output.with_suffix(".png"))
-        typer.echo(f"wrote {output} and {output.with_suffix('.png')}")
+        write_text(json.dumps(metrics, indent=1), output, force=force, inputs=inputs)
+        figure = output.with_suffix(".png")
+        plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=figure, force=force)
+        typer.echo(f"wrote {output} and {figure}")
 
 
 @app.command("sae-tune")
 def sae_tune(
     sae: Annotated[Path, typer.Argument(help="The frozen SAE directory (sae-lens format), trained on a source model.")],
-    layer: Annotated[int, typer.Option(help="The block to splice it into.")],
+    layer: Annotated[int, typer.Option(help="The block to splice it into (0-based).")],
     data: Annotated[
         Path, typer.Option(help="A .jsonl of {'prompt', 'answer'} (or {'text'} for the kl loss), one per line.")
     ],
@@ -483,7 +558,7 @@ def sae_tune(
     batch_size: Annotated[int, typer.Option()] = 8,
     rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 4 x rank, as Resa's 32 / 128).")] = 32,
     merge: Annotated[bool, typer.Option(help="Merge the LoRA and write a full checkpoint instead.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """SAE-tuning: LoRA-tune the model with a frozen SAE spliced in at LAYER, then drop the SAE.
 
@@ -494,9 +569,12 @@ def sae_tune(
 
     rows = read_jsonl(data)
     examples = [row["text"] if set(row) == {"text"} else row for row in rows]
+    loaded = sk.load_sae(sae)
+    _layers(str(layer), model)
+    _output(output, force, [sae, data, *_model_inputs(model)], directory=True)
     mdl, tok = sk.load_model(model)
     tuned = sk.sae_tune(
-        mdl, tok, sk.load_sae(sae), layer, examples, lora={"r": rank, "lora_alpha": 4 * rank}, loss=loss,
+        mdl, tok, loaded, layer, examples, lora={"r": rank, "lora_alpha": 4 * rank}, loss=loss,
         grad_through_sae=grad_through_sae, epochs=epochs, lr=lr, batch_size=batch_size, out=output, merge=merge,
         force=force,
     )  # fmt: skip
@@ -509,24 +587,74 @@ def attach_adapter(
     adapter: Annotated[Path, typer.Argument(help="An adapter written by sae-tune.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
     model: ModelArg = "smollm2-135m-instruct",
-    force: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Put an SAE-tuning adapter onto another model of the same family and write the merged checkpoint."""
     import steerkit as sk
     from steerkit.sae.tune import save_checkpoint
 
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {adapter}")
+    inputs = [adapter, *_model_inputs(model)]
+    _output(output, force, inputs, directory=True)
     mdl, tok = sk.load_model(model)
-    save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force)
+    save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force, inputs=inputs)
     typer.echo(f"wrote {output}")
 
 
+@app.command()
+def clean(
+    folder: Annotated[Path, typer.Argument(help="The folder an interrupted steerkit command was writing into.")],
+) -> None:
+    """Remove the temporary files an interrupted (killed) steerkit command left in FOLDER.
+
+    Temporaries are named .NAME.steerkit-tmp-PID-XXXX; an old output set aside for --force
+    (.NAME.steerkit-old-...) is put back when its replacement never arrived. Running commands' files stay.
+    """
+    from steerkit._io import clean as clean_folder
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    done = clean_folder(folder)
+    for path, action in done:
+        typer.echo(f"{action} {path}")
+    if not done:
+        typer.echo(f"no stale steerkit temporaries in {folder}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(message, fg="red", err=True)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input ends with one clear line and exit code 2, not a traceback."""
+    """Entry point: an expected failure is one ``error:`` line and exit code 2; an interrupt exits 130."""
+    import warnings
+
+    from steerkit._io import Terminated
+
+    warnings.showwarning = _show_warning
     try:
-        app(args=argv, prog_name="steerkit")
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise SystemExit(2) from None
+        code = app(args=argv, prog_name="steerkit", standalone_mode=False)
+    except typer.TyperException as err:  # usage errors, bad parameters (typer's own click)
+        if type(err).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
+            raise SystemExit(0) from None
+        _fail(f"error: {err.format_message()}", getattr(err, "exit_code", 2))
+    except typer.Abort:
+        _fail("interrupted", 130)
+    except Terminated as err:
+        _fail(f"terminated (signal {err.signum}); partial output removed", err.code)
+    except (ValueError, OSError, KeyError) as err:
+        detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+        _fail(f"error: {detail}", 2)
+    if code == 130:
+        _fail("interrupted; partial output removed", 130)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

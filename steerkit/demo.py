@@ -19,7 +19,7 @@ def main() -> None:
     print(f"extracted a mean-difference vector from {len(pairs)} joyful/miserable pairs, layers 1-29")
     shown = (4, 10, 16, 22, 28)
     print("held-out AUROC by layer: " + ", ".join(f"{layer}: {vec.separation[layer]:.2f}" for layer in shown))
-    vec.save(OUT)
+    vec.save(OUT, force=True)  # the demo's own artifact, rewritten each run
     print(f"saved {OUT}")
     print(f"\nsteering block {LAYER} with alpha = +{ALPHA} (joyful) and -{ALPHA} (miserable), greedy, 40 tokens:")
     plus = sk.generate(model, tok, PROMPTS, vector=vec.select([LAYER]), alpha=ALPHA, max_new_tokens=40)

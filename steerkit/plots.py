@@ -14,15 +14,17 @@ from matplotlib.figure import Figure  # noqa: E402
 from steerkit._io import atomic_path  # noqa: E402
 
 
-def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
-    """Write ``fig`` as a PNG to ``path`` atomically (nothing when ``path`` is None); returns ``fig``."""
+def save_figure(fig: Figure, path: str | os.PathLike | None, force: bool = False) -> Figure:
+    """Write ``fig`` as a PNG to ``path`` atomically (nothing when ``path`` is None); returns ``fig``.
+
+    An existing file is replaced only with ``force=True``."""
     if path is not None:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, force=force) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return fig
 
 
-def task_vector_layers(stats: dict, title: str = "task vector by layer", path=None) -> Figure:
+def task_vector_layers(stats: dict, title: str = "task vector by layer", path=None, force: bool = False) -> Figure:
     """Delta norm and relative norm (‖Δ‖/‖θ_B‖) per layer, from ``TaskVector.stats()``."""
     layers = sorted(k for k in stats["layers"] if k is not None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -32,10 +34,10 @@ def task_vector_layers(stats: dict, title: str = "task vector by layer", path=No
     ax2.set(xlabel="layer", ylabel="‖Δ‖ / ‖θ_B‖", title="relative change")
     fig.suptitle(title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def separation(vector, title: str | None = None, path=None) -> Figure:
+def separation(vector, title: str | None = None, path=None, force: bool = False) -> Figure:
     """Held-out AUROC and direction norm per layer of an extracted SteeringVector."""
     layers = vector.layers
     fig, ax1 = plt.subplots(figsize=(6, 3.2))
@@ -46,10 +48,12 @@ def separation(vector, title: str | None = None, path=None) -> Figure:
     ax2.set_ylabel("‖v‖")
     ax1.set_title(title or f"{vector.metadata.get('method', 'vector')}: separation by layer")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def sweep_metrics(rows: list[dict], metrics=("kl", "entropy", "accuracy"), title: str = "", path=None) -> Figure:
+def sweep_metrics(
+    rows: list[dict], metrics=("kl", "entropy", "accuracy"), title: str = "", path=None, force: bool = False
+) -> Figure:
     """One panel per metric: the metric against α, one line per layer (rows from ``steerkit.sweep``)."""
     metrics = [m for m in metrics if m in rows[0]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
@@ -62,10 +66,12 @@ def sweep_metrics(rows: list[dict], metrics=("kl", "entropy", "accuracy"), title
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def pca_scatter(positive, negative, layer: int | None = None, labels=("positive", "negative"), path=None) -> Figure:
+def pca_scatter(
+    positive, negative, layer: int | None = None, labels=("positive", "negative"), path=None, force: bool = False
+) -> Figure:
     """Positive and negative activations ``[n, d]`` projected on the first two principal components of both."""
     import torch
 
@@ -80,10 +86,12 @@ def pca_scatter(positive, negative, layer: int | None = None, labels=("positive"
     ax.set(xlabel="PC 1", ylabel="PC 2", title="activations" + (f" at layer {layer}" if layer is not None else ""))
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def length_accuracy(points: list[dict], title: str = "concise vector: length vs accuracy", path=None) -> Figure:
+def length_accuracy(
+    points: list[dict], title: str = "concise vector: length vs accuracy", path=None, force: bool = False
+) -> Figure:
     """Mean completion length against accuracy, one point per setting (``{"label", "length", "accuracy"}``)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for p in points:
@@ -91,10 +99,10 @@ def length_accuracy(points: list[dict], title: str = "concise vector: length vs 
         ax.annotate(p["label"], (p["length"], p["accuracy"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set(xlabel="mean completion length (tokens)", ylabel="accuracy", title=title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def sae_training(log: list[dict], title: str = "SAE training", path=None) -> Figure:
+def sae_training(log: list[dict], title: str = "SAE training", path=None, force: bool = False) -> Figure:
     """Explained variance, L0 and dead fraction against training tokens (``sae.training_log``)."""
     tokens = [row["tokens"] for row in log]
     panels = (("explained_variance", "explained variance"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
@@ -104,10 +112,10 @@ def sae_training(log: list[dict], title: str = "SAE training", path=None) -> Fig
         ax.set(xlabel="training tokens", ylabel=label, title=label)
     fig.suptitle(title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)
 
 
-def latent_frequency(frequency, title: str = "latent firing frequency", path=None) -> Figure:
+def latent_frequency(frequency, title: str = "latent firing frequency", path=None, force: bool = False) -> Figure:
     """Histogram of log10 firing frequency per latent; dead latents (never fired) are counted at the left."""
     import torch
 
@@ -120,4 +128,4 @@ def latent_frequency(frequency, title: str = "latent firing frequency", path=Non
     ax.set(xlabel="log10 firing frequency", ylabel="latents", title=f"{title} ({dead} dead of {len(freq)})")
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, force)

@@ -1,116 +1,29 @@
-"""The inference applier: add / project out / clamp a direction at block outputs, through removable hooks.
+"""The inference applier: add / project out / clamp a direction at block outputs, through ``hooks.intervene``.
 
 At the output of block *i*, on the selected positions: ``add`` h ← h + α·v_i; ``project_out``
-h ← h − (h·v̂)v̂ (α unused); ``clamp`` sets h·v̂ to α. A pre-hook on the model reads each forward's
-attention mask and KV-cache length, so padding is never steered and ``positions="generated"`` counts
-absolute positions under KV-cache generation. Weights are never touched; hooks go when the context exits.
+h ← h − (h·v̂)v̂ (α unused); ``clamp`` sets h·v̂ to α. Padding is never steered, ``positions="generated"``
+counts absolute positions under KV-cache generation, and a ``steer`` acts only on forwards run from the
+thread or asyncio task that entered it. Weights are never touched; hooks go when the context exits.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from steerkit import arch
 from steerkit._checks import finite
-from steerkit.backends import fingerprint, hf_model, kind
-from steerkit.capture import block_hidden, pad_batch, pad_id
+from steerkit.backends import fingerprint, kind
+from steerkit.batching import pad_batch, pad_id
+from steerkit.hooks import block_dtype, intervene
 from steerkit.models import chat_prompt
 from steerkit.vector import SteeringVector
 
 MODES = ("add", "project_out", "clamp")
 POSITION_NAMES = ("all", "prompt", "generated")
-
-
-@dataclass
-class _Step:
-    """What one forward call looks like: which current tokens are real, their columns and token indices."""
-
-    valid: torch.Tensor  # [b, s] bool, False on padding
-    columns: torch.Tensor  # [s] absolute column of each current token in the full sequence
-    real_index: torch.Tensor  # [b, s] index among the row's real tokens
-    prompt_len: int  # columns below this are the prompt
-
-
-class PositionTracker:
-    """Forward pre-hook on the model's top module; records the shape of the current step."""
-
-    def __init__(self):
-        self.step: _Step | None = None
-        self._selection: tuple | None = None  # (key, selection) for the current step
-        self._prompt_len = 0
-        self._last_ids: torch.Tensor | None = None
-
-    def __call__(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if torch.is_tensor(ids) and ids.dim() == 2 else embeds
-        if ref is None:  # strings (TransformerLens) or an unknown call: steer every position
-            self.step = self._selection = None
-            return None
-        b, s = ref.shape[:2]
-        device = ref.device
-        mask = kwargs.get("attention_mask")
-        has_mask = torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] >= s
-        past = kwargs.get("past_key_values")
-        if has_mask:  # generate passes the mask over prompt + everything so far
-            past_len = mask.shape[1] - s
-        elif past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
-        else:
-            past_len = 0
-        if past_len == 0 and not self._extends_last(ids):
-            self._prompt_len = s  # a new prompt (a generation without cache re-sends prompt + generated)
-        self._last_ids = ids if torch.is_tensor(ids) and past_len == 0 else self._last_ids
-        columns = past_len + torch.arange(s, device=device)
-        if has_mask:
-            full = mask.to(device).bool()
-            valid = full[:, -s:]
-            real_index = (full.long().cumsum(-1) - 1)[:, -s:]
-        else:
-            valid = torch.ones(b, s, dtype=torch.bool, device=device)
-            real_index = columns.expand(b, s)
-        self.step = _Step(valid, columns, real_index, self._prompt_len)
-        self._selection = None
-        return None
-
-    def _extends_last(self, ids) -> bool:
-        last = self._last_ids
-        return (
-            torch.is_tensor(ids)
-            and last is not None
-            and ids.shape[0] == last.shape[0]
-            and ids.shape[1] > last.shape[1]
-            and torch.equal(ids[:, : last.shape[1]], last.to(ids.device))
-        )
-
-    def selection(self, hidden: torch.Tensor, positions: str | int) -> torch.Tensor | None:
-        """Bool ``[b, s]`` of the positions of ``hidden`` to steer, or None for all of them (computed once a step)."""
-        key = (hidden.shape[:2], hidden.device, positions)
-        if self._selection is not None and self._selection[0] == key:
-            return self._selection[1]
-        b, s = hidden.shape[:2]
-        step = self.step
-        if step is None or step.valid.shape != (b, s):
-            arange = torch.arange(s, device=hidden.device)
-            step = _Step(torch.ones(b, s, dtype=torch.bool, device=hidden.device), arange, arange.expand(b, s), s)
-        valid = step.valid.to(hidden.device)
-        columns = step.columns.to(hidden.device).expand(b, s)
-        if positions == "all":
-            selected = valid
-        elif positions == "prompt":
-            selected = valid & (columns < step.prompt_len)
-        elif positions == "generated":
-            selected = valid & (columns >= step.prompt_len)
-        else:
-            selected = valid & (step.real_index.to(hidden.device) >= positions)
-        result = None if bool(selected.all()) else selected
-        self._selection = (key, result)
-        return result
 
 
 def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_norm: bool) -> torch.Tensor:
@@ -125,14 +38,6 @@ def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_
     if preserve_norm:
         new = new * (h.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return new
-
-
-def hook_targets(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-    """(top module for the tracker, one module per block whose output is block *i*'s residual stream)."""
-    inner = hf_model(model)
-    if inner is not None:
-        return inner, list(arch.get_blocks(inner))
-    return model, [block.hook_resid_post for block in model.blocks]  # HookedTransformer
 
 
 def _check_positions(positions) -> str | int:
@@ -156,9 +61,11 @@ def steer(
     """Steer ``model`` inside the ``with`` block; hooks are removed on exit, also on exceptions.
 
     ``vector`` may be a list of vectors (with one α each, or one α for all): they apply together.
-    ``layers`` limits steering to some of the vector's layers. ``positions``: ``"all"``, ``"prompt"``,
-    ``"generated"`` (tokens after the prompt, also under KV-cache generation) or an int: real tokens from
-    that index on. Works on transformers, TransformerLens and nnsight models; contexts nest.
+    ``layers`` limits steering to some of the vector's layers (a list or a spec such as ``"8-12"``).
+    ``positions``: ``"all"``, ``"prompt"``, ``"generated"`` (tokens after the prompt, also under KV-cache
+    generation) or an int: real tokens from that index on. Works on transformers, TransformerLens and
+    nnsight models; contexts nest. Only forwards run from the calling thread (or asyncio task) are steered.
+    α·v must be finite in the model's dtype (checked before any forward).
     """
     if not isinstance(vector, SteeringVector):
         vectors = list(vector)
@@ -170,42 +77,55 @@ def steer(
                 stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm))
             yield model
         return
+    alpha, positions, chosen = _validated(model, vector, alpha, layers, positions, mode)
+
+    def make_fn(layer: int):
+        cache: dict = {}
+
+        def fn(h: torch.Tensor, tracker) -> torch.Tensor:
+            key = (h.device, h.dtype)
+            if key not in cache:
+                cache[key] = scaled(vector, layer, alpha, mode, h.dtype).to(h.device)
+            new = _modify(h, cache[key], alpha, mode, preserve_norm)
+            selected = tracker.selection(h, positions)
+            return new if selected is None else torch.where(selected.unsqueeze(-1), new, h)
+
+        return fn
+
+    with intervene(model, {layer: make_fn(layer) for layer in chosen}):
+        yield model
+
+
+def _validated(model, vector: SteeringVector, alpha, layers, positions, mode) -> tuple[float, str | int, list[int]]:
+    """(α, positions, layers to steer) after every check ``steer`` makes before it touches the model."""
     alpha = finite(alpha)
     positions = _check_positions(positions)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     fp = fingerprint(model)
     vector.check_model(fp["hidden_size"], fp["num_hidden_layers"])
-    chosen = vector.layers if layers is None else list(layers)
+    chosen = vector.layers if layers is None else arch.layer_list(layers, fp["num_hidden_layers"])
     missing = [layer for layer in chosen if layer not in vector]
     if missing:
         raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
-    top, blocks = hook_targets(model)
-    tracker = PositionTracker()
-    cache: dict = {}
+    for layer in chosen:  # α·v must be finite in the dtype it is added in
+        scaled(vector, layer, alpha, mode, block_dtype(model, layer))
+    return alpha, positions, chosen
 
-    def make_hook(layer: int):
-        def hook(_module, _inputs, output):
-            h = block_hidden(output)
-            key = (layer, h.device, h.dtype)
-            if key not in cache:
-                v = vector[layer] * alpha if mode == "add" else vector[layer]
-                cache[key] = v.to(device=h.device, dtype=h.dtype)
-            selected = tracker.selection(h, positions)
-            new = _modify(h, cache[key], alpha, mode, preserve_norm)
-            if selected is not None:
-                new = torch.where(selected.unsqueeze(-1), new, h)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        return hook
-
-    handles = [top.register_forward_pre_hook(tracker, with_kwargs=True)]
-    try:
-        handles += [blocks[layer].register_forward_hook(make_hook(layer)) for layer in chosen]
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+def scaled(vector: SteeringVector, layer: int, alpha: float, mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """The direction as the hook uses it (α·v for ``add``, v otherwise) in ``dtype``, or a ValueError when it
+    (or the clamp target α) is not finite there: α = 1e39 overflows float32, α·v beyond 65504 float16."""
+    v = vector[layer].double()
+    out = (v * alpha if mode == "add" else v).to(dtype)
+    target_ok = mode != "clamp" or bool(torch.isfinite(torch.tensor(alpha, dtype=torch.float64).to(dtype)))
+    if not bool(torch.isfinite(out).all()) or not target_ok:
+        raise ValueError(
+            f"alpha={alpha:g} with the layer-{layer} direction (norm {float(vector[layer].norm()):.4g}, largest entry "
+            f"{float(vector[layer].abs().max()):.4g}) is not finite in {str(dtype).removeprefix('torch.')} "
+            f"(largest value {torch.finfo(dtype).max:.4g}): use a smaller alpha"
+        )
+    return out
 
 
 def _render(tok, prompt: str, chat: bool) -> str:
@@ -257,7 +177,7 @@ def generate(
     if not prompts:
         raise ValueError("prompts is empty")
     if vector is not None:  # fail before generating anything
-        finite(alpha)
+        _validated(model, vector, alpha, layers, positions, mode)
     rendered = [_render(tok, p, chat) for p in prompts]
     gen_kwargs.setdefault("do_sample", False)
     plain = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)

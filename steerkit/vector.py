@@ -34,14 +34,25 @@ class SteeringVector:
         for layer, vec in sorted(directions.items()):
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
                 raise ValueError(f"layer {layer!r}: expected a non-negative int")
-            vec = torch.as_tensor(vec).detach().to(torch.float32).cpu().flatten()
+            vec = torch.as_tensor(vec).detach()
+            if vec.dim() != 1 or not vec.is_floating_point():
+                raise ValueError(
+                    f"the direction of layer {layer} is a {vec.dim()}-D {str(vec.dtype).removeprefix('torch.')} "
+                    "tensor: expected a 1-D floating-point tensor of length d_model"
+                )
+            vec = vec.to(torch.float32).cpu()
             if not torch.isfinite(vec).all():
-                raise ValueError(f"the direction of layer {layer} contains NaN or inf")
+                raise ValueError(f"the direction of layer {layer} contains NaN or inf (or overflows float32)")
             self.directions[int(layer)] = vec
             widths.add(vec.numel())
         if len(widths) != 1:
             raise ValueError(f"directions have different widths {sorted(widths)}: expected one d_model")
         self.metadata = dict(metadata or {})
+        if not isinstance(self.metadata.get("model") or {}, dict):
+            raise ValueError(
+                f"metadata 'model' is {self.metadata['model']!r}: expected an object with model_type, "
+                "hidden_size, num_hidden_layers and name"
+            )
 
     # --- container -------------------------------------------------------------------------
     @property
@@ -161,12 +172,15 @@ class SteeringVector:
             )
 
     # --- files ---------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file: tensors ``layers.{i}`` and metadata as JSON strings (atomically)."""
+    def save(self, path: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+        """Write a safetensors file: tensors ``layers.{i}`` and metadata as JSON strings (atomically).
+
+        An existing file is replaced only with ``force=True``, and never one of ``inputs``.
+        """
         meta = {"format_version": FORMAT_VERSION, "layers": json.dumps(self.layers)}
         meta.update({k: json.dumps(v) for k, v in self.metadata.items() if k not in meta})
         tensors = {f"layers.{layer}": v for layer, v in self.items()}
-        return save_safetensors(tensors, path, meta)
+        return save_safetensors(tensors, path, meta, force=force, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
@@ -179,9 +193,15 @@ class SteeringVector:
         try:
             with safe_open(str(path), "pt") as f:
                 raw = f.metadata() or {}
-                directions = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys() if k.startswith("layers.")}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        directions = {}
+        for key, tensor in tensors.items():
+            prefix, _, index = key.partition(".")
+            if prefix != "layers" or not index.isdigit():
+                raise ValueError(f"{path}: tensor {key!r} is not named 'layers.{{i}}' with a block index i")
+            directions[int(index)] = tensor
         if not directions:
             raise ValueError(f"{path} holds no 'layers.{{i}}' tensors: not a steerkit vector")
         meta = {}
@@ -192,10 +212,23 @@ class SteeringVector:
                 meta[key] = json.loads(value)
             except json.JSONDecodeError:
                 meta[key] = value
-        return cls(directions, meta)
+        try:
+            return cls(directions, meta)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
-    def to_gguf(self, path: str | os.PathLike, model_hint: str | None = None, skip_layer0: bool = False) -> Path:
-        """Write a llama.cpp control-vector GGUF (``direction.{i}``, float32); llama.cpp cannot steer block 0."""
+    def to_gguf(
+        self,
+        path: str | os.PathLike,
+        model_hint: str | None = None,
+        skip_layer0: bool = False,
+        force: bool = False,
+        inputs: Iterable[str | os.PathLike] = (),
+    ) -> Path:
+        """Write a llama.cpp control-vector GGUF (``direction.{i}``, float32); llama.cpp cannot steer block 0.
+
+        An existing file is replaced only with ``force=True``, and never one of ``inputs``.
+        """
         import gguf
 
         layers = self.layers
@@ -210,7 +243,7 @@ class SteeringVector:
             raise ValueError("nothing to export: the vector has no layer >= 1")
         fp = self.metadata.get("model") or {}
         hint = model_hint or fp.get("model_type") or "unknown"
-        with atomic_path(path) as tmp:
+        with atomic_path(path, force=force, inputs=inputs) as tmp:
             writer = gguf.GGUFWriter(str(tmp), "controlvector")
             writer.add_string("controlvector.model_hint", hint)
             writer.add_uint32("controlvector.layer_count", len(layers))
@@ -237,13 +270,25 @@ class SteeringVector:
             raise ValueError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ('controlvector')")
         directions = {}
         for tensor in reader.tensors:
-            if not tensor.name.startswith("direction."):
-                continue
+            prefix, _, index = tensor.name.partition(".")
+            if prefix != "direction" or not index.isdigit():
+                raise ValueError(f"{path}: tensor {tensor.name!r} is not named 'direction.{{i}}' with a block index i")
             if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
                 raise ValueError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, expected F32")
-            directions[int(tensor.name.split(".", 1)[1])] = torch.tensor(tensor.data.copy()).flatten()
+            if len([d for d in tensor.shape if d != 1]) > 1:
+                raise ValueError(f"{path}: tensor {tensor.name} has shape {list(tensor.shape)}, expected 1-D")
+            directions[int(index)] = torch.tensor(tensor.data.copy()).flatten()
         if not directions:
             raise ValueError(f"{path} is a control-vector GGUF with no direction.{{i}} tensors")
+        count = reader.fields.get("controlvector.layer_count")
+        if count is not None and int(count.contents()) != len(directions):
+            raise ValueError(
+                f"{path}: controlvector.layer_count is {int(count.contents())} but the file holds "
+                f"{len(directions)} direction tensors"
+            )
         hint = reader.fields.get("controlvector.model_hint")
         meta = {"method": "gguf", "model_hint": hint.contents() if hint is not None else None}
-        return cls(directions, meta)
+        try:
+            return cls(directions, meta)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

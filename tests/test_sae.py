@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from steerkit.capture import Recorder, pad_batch, pad_id
+from steerkit.batching import pad_batch, pad_id
+from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus
 from steerkit.sae import evaluate_sae, load_sae, splice, train_sae
 from steerkit.sae.splice import reconstruct

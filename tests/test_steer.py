@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import steerkit as sk
-from steerkit.capture import pad_batch
+from steerkit.batching import pad_batch
 from tests.conftest import TEXTS, TINY, make_tiny
 
 D = TINY["hidden"]

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import steerkit as sk
 from steerkit.weights import CheckpointReader, CheckpointWriter
-from steerkit.weights.checkpoint import parse_size
+from steerkit.weights.checkpoint import parse_size, specs_of
 from tests.conftest import make_tiny
 
 
@@ -53,7 +53,8 @@ def test_reader_is_lazy_and_complete(trio):
 
 def test_writer_shards_index_and_atomicity(tmp_path):
     tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4000 bytes each
-    with CheckpointWriter(tmp_path / "out", max_shard_size=9000) as w:
+    specs = specs_of(tensors)
+    with CheckpointWriter(tmp_path / "out", specs, max_shard_size=9000) as w:
         for k, v in tensors.items():
             w.add(k, v)
         w.add_file("README.md", "card")
@@ -63,11 +64,11 @@ def test_writer_shards_index_and_atomicity(tmp_path):
     reader = CheckpointReader(tmp_path / "out")
     assert reader.metadata() == {"format": "pt"} and torch.equal(reader["t3"], tensors["t3"])
     with pytest.raises(FileExistsError, match="already exists"):
-        CheckpointWriter(tmp_path / "out")
+        CheckpointWriter(tmp_path / "out", specs)
     with pytest.raises(RuntimeError, match="halfway"):
-        with CheckpointWriter(tmp_path / "fail", max_shard_size=5000) as w:
-            w.add("a", tensors["t0"])
-            w.add("b", tensors["t1"])  # the first shard is on disk now
+        with CheckpointWriter(tmp_path / "fail", specs, max_shard_size=5000) as w:
+            w.add("t0", tensors["t0"])
+            w.add("t1", tensors["t1"])  # the first shards are on disk now
             raise RuntimeError("halfway")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -158,8 +159,8 @@ def test_ties_dare_and_alpha_by_layer(trio, tmp_path):
 def test_merge_bad_input(trio, tmp_path, tok):
     base, a, b = trio
     tv = sk.TaskVector.between(a, b)
-    with pytest.raises(FileExistsError, match="already exists"):
-        sk.merge(base, [(tv, 1.0)], base)
+    with pytest.raises(ValueError, match="is an input of this command"):
+        sk.merge(base, [(tv, 1.0)], base, force=True)
     gpt2 = _save(make_tiny("gpt2", len(tok)), tmp_path / "gpt2")
     with pytest.raises(ValueError, match="a llama task vector cannot merge into a gpt2 model"):
         sk.merge(gpt2, [(tv, 1.0)], tmp_path / "x")

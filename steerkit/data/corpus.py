@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from steerkit._io import atomic_path, iter_jsonl
+from steerkit._io import atomic_path, iter_jsonl, read_text
 from steerkit.models import cache_root
 
 SPLITS = ("train", "heldout")
@@ -41,10 +41,17 @@ def is_heldout(text: str) -> bool:
 class Corpus:
     """Documents of a text source, split into train / heldout, and packed into token sequences."""
 
-    def __init__(self, name: str, documents: Callable[[], Iterable[str]], fingerprint: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        documents: Callable[[], Iterable[str]],
+        fingerprint: str | None = None,
+        source: Path | None = None,
+    ):
         self.name = name
         self._documents = documents
         self.fingerprint = fingerprint
+        self.source = source  # the file or folder it reads, if any (an output must never replace it)
 
     def __repr__(self) -> str:
         return f"Corpus({self.name!r})"
@@ -112,12 +119,12 @@ def load_corpus(name_or_path: str | Path = DEFAULT_NAME, text_field: str = "text
         return _default_corpus()
     path = Path(name_or_path)
     if path.is_file():
-        return Corpus(str(path), lambda: _file_documents(path, text_field), _file_hash(path))
+        return Corpus(str(path), lambda: _file_documents(path, text_field), _file_hash(path), source=path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
         if files:
-            return Corpus(str(path), lambda: (d for f in files for d in _file_documents(f, text_field)))
-        return Corpus(str(path), lambda: _dataset_documents(str(path), text_field))
+            return Corpus(str(path), lambda: (d for f in files for d in _file_documents(f, text_field)), source=path)
+        return Corpus(str(path), lambda: _dataset_documents(str(path), text_field), source=path)
     if path.suffix in (".txt", ".jsonl") or path.is_absolute() or str(name_or_path).startswith("."):
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
     return Corpus(str(name_or_path), lambda: _dataset_documents(str(name_or_path), text_field))
@@ -131,7 +138,7 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         yield from iter_jsonl(path, lambda row: row[text_field], f"a JSON object with a {text_field!r} string")
     else:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "corpus file")
         yield from (block.strip() for block in re.split(r"\n\s*\n", text) if block.strip())
 
 
@@ -248,7 +255,7 @@ def _default_corpus() -> Corpus:
     path = default_corpus_path()
     if not path.is_file():
         documents = build_default_documents()
-        with atomic_path(path) as tmp:
+        with atomic_path(path, force=True) as tmp:  # steerkit's own cache file
             with tmp.open("w", encoding="utf-8") as handle:
                 for text in documents:
                     handle.write(json.dumps({"text": text}) + "\n")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steerkit.capture import length_batches, pad_batch, pad_id, tokenize
+from steerkit.batching import length_batches, pad_batch, pad_id, tokenize
 
 
 def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:

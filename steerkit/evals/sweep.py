@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 from steerkit._checks import finite
-from steerkit._io import atomic_path
+from steerkit._io import write_text
 from steerkit.evals.logits import answer_metrics, entropy, kl, next_token_logprobs, option_token_ids
 from steerkit.evals.tasks import Item, load_task, prompt
 from steerkit.steer import steer
@@ -79,13 +79,12 @@ def sweep(
     return rows
 
 
-def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    """Rows as CSV (columns from the first row), written atomically."""
+def write_csv(rows: list[dict], path: str | os.PathLike, force: bool = False) -> None:
+    """Rows as CSV (columns from the first row), written atomically; an existing file only with ``force``."""
     if not rows:
         raise ValueError("no rows to write")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_text(buf.getvalue(), path, force=force)

@@ -128,19 +128,12 @@ def load_task(name: str, n: int = 48, seed: int = 0, **kwargs) -> list[Item]:
     return TASKS[name](n, seed=seed, **kwargs)
 
 
-def save_task(items: list[Item], path: str | Path) -> Path:
+def save_task(items: list[Item], path: str | Path, force: bool = False) -> Path:
     """Write items as jsonl (atomically) so a split can be shared and reloaded with ``load_task``."""
-    from steerkit._io import atomic_path
+    from steerkit._io import write_text
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(
-            "".join(
-                json.dumps({"question": i.question, "answer": i.answer, "options": list(i.options), "kind": i.kind})
-                + "\n"
-                for i in items
-            )
-        )
-    return Path(path)
+    rows = ({"question": i.question, "answer": i.answer, "options": list(i.options), "kind": i.kind} for i in items)
+    return write_text("".join(json.dumps(row) + "\n" for row in rows), path, force=force)
 
 
 def _read_items(path: Path) -> list[Item]:

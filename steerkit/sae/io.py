@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from torch import nn
 
+from steerkit._io import confined
 from steerkit.backends import fingerprint
 
 CFG_FILE = "cfg.json"
@@ -20,21 +22,31 @@ def load_sae(sae_or_path, device: str = "cpu"):
     path = Path(sae_or_path)
     if not path.is_dir():
         raise FileNotFoundError(f"no SAE directory at {path}: expected a folder with {CFG_FILE} and {WEIGHTS_FILE}")
-    missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not confined(path, name, "SAE file").is_file()]
     if missing:
         raise ValueError(f"{path} is not a sae-lens SAE directory: {', '.join(missing)} missing")
     try:
-        cfg = json.loads((path / CFG_FILE).read_text())
-    except json.JSONDecodeError as err:
+        cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / CFG_FILE} is not valid JSON ({err})") from err
     if not isinstance(cfg, dict) or not {"architecture", "d_in", "d_sae"} <= cfg.keys():
         raise ValueError(f"{path / CFG_FILE} lacks architecture / d_in / d_sae")
+    steerkit_info = (cfg.get("metadata") or {}).get("steerkit") if isinstance(cfg.get("metadata"), dict) else None
+    if isinstance(steerkit_info, dict) and steerkit_info.get("max_norm") is not None:
+        check_max_norm(steerkit_info["max_norm"], f"metadata.steerkit.max_norm in {path / CFG_FILE}")
     from sae_lens import SAE
 
     try:
         return SAE.load_from_disk(path, device=device)
     except Exception as err:  # safetensors header errors, missing or mis-shaped tensors, unknown architecture
         raise ValueError(f"cannot load the SAE in {path}: {type(err).__name__}: {err}") from err
+
+
+def check_max_norm(value, name: str = "max_norm") -> float:
+    """An outlier norm as a positive number (``inf`` replaces every token); NaN, zero or less is an error."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value <= 0:
+        raise ValueError(f"{name}={value!r}: expected a positive number (inf to splice every token)")
+    return float(value)
 
 
 def check_sae(sae, model: nn.Module) -> None:
@@ -48,4 +60,4 @@ def recorded_max_norm(sae) -> float | None:
     """The activation norm above which ``train_sae`` treated a token as an outlier (attention sink), if recorded."""
     info = sae.cfg.metadata.get("steerkit") or {}
     value = info.get("max_norm") if isinstance(info, dict) else None
-    return float(value) if value is not None else None
+    return check_max_norm(value, "the SAE's recorded max_norm") if value is not None else None

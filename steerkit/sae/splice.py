@@ -18,9 +18,8 @@ from torch import nn
 
 from steerkit import arch
 from steerkit.backends import fingerprint
-from steerkit.capture import block_hidden
-from steerkit.sae.io import check_sae, load_sae, recorded_max_norm
-from steerkit.steer import PositionTracker, hook_targets
+from steerkit.hooks import intervene
+from steerkit.sae.io import check_max_norm, check_sae, load_sae, recorded_max_norm
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
@@ -39,28 +38,20 @@ def replace_output(
     """Block ``layer``'s output h becomes ``fn(h)`` on real tokens (from the second one with ``skip_first``),
     except where ‖h‖ exceeds ``max_norm``."""
     layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
-    top, blocks = hook_targets(model)
-    tracker = PositionTracker()
+    if max_norm is not None:
+        check_max_norm(max_norm)
     positions = 1 if skip_first else "all"
 
-    def hook(_module, _inputs, output):
-        h = block_hidden(output)
+    def replace(h: torch.Tensor, tracker) -> torch.Tensor:
         new = fn(h)
         selected = tracker.selection(h, positions)
         if max_norm is not None:
             small = h.norm(dim=-1) <= max_norm
             selected = small if selected is None else selected & small
-        if selected is not None:
-            new = torch.where(selected.unsqueeze(-1), new, h)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new if selected is None else torch.where(selected.unsqueeze(-1), new, h)
 
-    handles = [top.register_forward_pre_hook(tracker, with_kwargs=True)]
-    try:
-        handles.append(blocks[layer].register_forward_hook(hook))
+    with intervene(model, {layer: replace}):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def splice(

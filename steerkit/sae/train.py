@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from steerkit._io import atomic_path
-from steerkit.arch import hidden_size, num_layers, validate_layer
+from steerkit._io import atomic_path, check_output, remove_created
+from steerkit.arch import hidden_size, layer_list, num_layers
 from steerkit.backends import fingerprint
 from steerkit.backends.tlens import hook_name
 from steerkit.capture import Recorder
@@ -165,6 +164,11 @@ class _Run:
                 is_logging_step=False,
             )
         )
+        if not torch.isfinite(out.loss):
+            raise ValueError(
+                f"the layer-{self.layer} SAE's loss is {float(out.loss)} at step {step + 1}: training diverged "
+                f"(lr={self.optimizer.param_groups[0]['lr']:g}); nothing was written"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
@@ -197,41 +201,55 @@ def _new_run(arch_name: str, layer: int, d_in: int, d_sae: int, options: dict, l
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict) -> None:
+def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, generator: torch.Generator) -> None:
+    """Weights, Adam moments, firing counters and the shuffle RNG in safetensors; the rest in JSON (no pickle)."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=True, directory=True) as tmp:  # replaces this run's previous checkpoint
         tmp.mkdir()
+        trainers = {}
         for layer, run in runs.items():
             save_file(
                 {k: v.contiguous() for k, v in run.sae.state_dict().items()}, str(tmp / f"sae_{layer}.safetensors")
             )
-            torch.save(
-                {
-                    "optimizer": run.optimizer.state_dict(),
-                    "since_fired": run.since_fired,
-                    "scale": run.scale,
-                    "max_norm": run.max_norm,
-                    "history": run.history,
-                },
-                tmp / f"trainer_{layer}.pt",
-            )
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            optim = run.optimizer.state_dict()
+            tensors = {f"adam.{i}.{key}": value for i, slot in optim["state"].items() for key, value in slot.items()}
+            tensors["since_fired"] = run.since_fired
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"trainer_{layer}.safetensors"))
+            trainers[layer] = {
+                "param_groups": optim["param_groups"],
+                "scale": run.scale,
+                "max_norm": run.max_norm,
+                "history": run.history,
+            }
+        save_file({"shuffle": generator.get_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "trainers": trainers}, indent=1))
 
 
-def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict) -> dict:
+def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator: torch.Generator) -> dict:
+    """Restore what ``_save_checkpoint`` wrote into ``runs`` and ``generator``; returns the saved state."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
-    differs = {k: (state["config"].get(k), v) for k, v in expect.items() if state["config"].get(k) != v}
+    try:
+        state = json.loads((path / "state.json").read_text())
+        differs = {k: (state["config"].get(k), v) for k, v in expect.items() if state["config"].get(k) != v}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'state.json'} is not a steerkit SAE checkpoint ({err})") from None
     if differs:
         raise ValueError(f"checkpoint {path} was made with other settings (saved, now): {differs}")
     for layer, run in runs.items():
         run.sae.load_state_dict(load_file(str(path / f"sae_{layer}.safetensors")))
-        saved = torch.load(path / f"trainer_{layer}.pt", weights_only=False)
-        run.optimizer.load_state_dict(saved["optimizer"])
-        run.since_fired, run.scale, run.history = saved["since_fired"], saved["scale"], saved["history"]
+        tensors = load_file(str(path / f"trainer_{layer}.safetensors"))
+        saved = state["trainers"][str(layer)]
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                index, name = key.removeprefix("adam.").split(".", 1)
+                slots.setdefault(int(index), {})[name] = value
+        run.optimizer.load_state_dict({"state": slots, "param_groups": saved["param_groups"]})
+        run.since_fired, run.scale, run.history = tensors["since_fired"], saved["scale"], saved["history"]
         run.max_norm = saved["max_norm"]
+    generator.set_state(load_file(str(path / "rng.safetensors"))["shuffle"])
     return state
 
 
@@ -259,26 +277,22 @@ def train_sae(
     seed: int = 0,
     autocast: bool = False,
     progress: bool = True,
+    force: bool = False,
     **arch_options,
 ):
     """Train an SAE on block ``layer``'s output (a list of layers: one SAE each, from one pass of the model).
 
-        Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
-        wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
-        ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
-        2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
-        an interrupted run (from the next unread sequence). ``autocast=True`` runs the SAE's matmuls in bf16
-    (parameters and Adam stay float32; 1.6× faster on a CPU with AMX). ``arch_options`` go to sae-lens'
-    training config.
+    Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
+    wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
+    ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
+    2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
+    an interrupted run (from the next unread sequence, with the same Adam moments and shuffling). An
+    existing ``out`` (or an old checkpoint, unless resuming) is an error before training starts, unless
+    ``force=True``. ``autocast=True`` runs the SAE's matmuls in bf16 (parameters and Adam stay float32;
+    1.6× faster on a CPU with AMX). ``arch_options`` go to sae-lens' training config.
     """
-    layers = [layer] if isinstance(layer, int) else list(layer)
-    if not layers:
-        raise ValueError("layer is empty: expected a block index or a list of them")
     single = isinstance(layer, int)
-    n_layers = num_layers(model)
-    layers = [validate_layer(value, n_layers) for value in layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers {layers} repeat a block")
+    layers = layer_list(layer, num_layers(model), name="layer")
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
     if not isinstance(corpus, Corpus):
@@ -298,8 +312,14 @@ def train_sae(
         raise ValueError("checkpoint_every and resume need out= (checkpoints go to {out}.ckpt)")
     out = Path(out) if out is not None else None
     ckpt = out.with_name(out.name + ".ckpt") if out is not None else None
+    if out is not None:  # before hours of training, not after
+        check_output(out, force=force, directory=True, inputs=[corpus.source] if corpus.source else ())
     if resume and not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
+    if checkpoint_every and not resume and ckpt.exists() and not force:
+        raise FileExistsError(
+            f"{ckpt} holds an earlier run's checkpoint: pass resume=True to continue it, or force=True"
+        )
 
     lr = 2e-4 * math.sqrt(16384 / d_sae) if lr is None else lr
     total_steps = tokens // batch_size
@@ -322,11 +342,11 @@ def train_sae(
     settings = {"arch": arch, "layers": layers, "d_sae": d_sae, "k": k, "ctx_len": ctx_len, "batch_size": batch_size}
     step, sequences_read = 0, 0
     counts = {"excluded": 0, "seen": 0}  # outlier tokens left out of training
+    generator = torch.Generator().manual_seed(seed)
     if resume:
-        state = _load_checkpoint(ckpt, runs, settings)
+        state = _load_checkpoint(ckpt, runs, settings, generator)
         step, sequences_read = state["step"], state["sequences_read"]
         counts.update(state["counts"])
-    generator = torch.Generator().manual_seed(seed + step)
     buffer = ShuffleBuffer(max(min(buffer_tokens, tokens), 2 * batch_size), batch_size, generator)
     bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress)
     bar.set_description(f"SAE {arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
@@ -365,9 +385,8 @@ def train_sae(
                 for value, log in logs.items():
                     runs[value].history.append({**log, "tokens": step * batch_size})
             if next_ckpt is not None and step * batch_size >= next_ckpt and step < total_steps:
-                _save_checkpoint(
-                    ckpt, runs, {"step": step, "sequences_read": sequences_read, "config": settings, "counts": counts}
-                )
+                state = {"step": step, "sequences_read": sequences_read, "config": settings, "counts": counts}
+                _save_checkpoint(ckpt, runs, state, generator)
                 next_ckpt += checkpoint_every
             if step == total_steps:  # stop before the buffer asks the model for more
                 break
@@ -384,12 +403,12 @@ def train_sae(
             _write(runs, trained, Path(tmp), single, counts)
             result = _read(runs, Path(tmp), single)
     else:
-        with atomic_path(out) as tmp:
+        with atomic_path(out, force=force, directory=True) as tmp:
             tmp.mkdir()
             _write(runs, trained, tmp, single, counts)
         result = _read(runs, out, single)
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
+        if (ckpt / "state.json").is_file():  # this run's checkpoint (or the one it resumed): done with
+            remove_created(ckpt)
     return result[layers[0]] if single else result
 
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from steerkit._io import atomic_path
+from steerkit._io import atomic_path, check_output, confined
 from steerkit.backends import fingerprint
-from steerkit.capture import pad_batch, pad_id
+from steerkit.batching import pad_batch, pad_id
 from steerkit.sae.io import check_sae, load_sae
 from steerkit.sae.splice import splice
 
@@ -107,6 +107,7 @@ def sae_tune(
         raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
     if sae is None and loss == "kl":
         raise ValueError("without an SAE the kl loss is zero: pass an SAE, or loss='ce' for plain LoRA SFT")
+    sae_source = sae
     if sae is not None:
         sae = load_sae(sae)
         check_sae(sae, target)
@@ -115,8 +116,10 @@ def sae_tune(
     for name, value in {"epochs": epochs, "batch_size": batch_size, "max_length": max_length}.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
-    if out is not None and Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    if out is not None:  # refuse a bad output before training, not after
+        check_output(
+            out, force=force, inputs=[sae_source] if isinstance(sae_source, str | Path) else [], directory=True
+        )
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(target), LoraConfig(**{**DEFAULT_LORA, **(lora or {})}))
     base = model.get_base_model()
@@ -154,6 +157,11 @@ def sae_tune(
                 if not targets.any():
                     raise ValueError("no answer tokens in a batch: are the answers empty or cut by max_length?")
                 value = -picked[targets].mean()
+            if not torch.isfinite(value):
+                raise ValueError(
+                    f"the {loss} loss is {float(value)} at step {len(history) + 1} (lr={lr:g}): training diverged; "
+                    "nothing was written"
+                )
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -169,34 +177,40 @@ def sae_tune(
         if merge:
             save_checkpoint(model, tok, out, force=force)
         else:
-            save_adapter(model, out)
+            save_adapter(model, out, force=force)
     model.history = history
     return model
 
 
-def save_adapter(model: nn.Module, out: str | Path) -> Path:
+def save_adapter(model: nn.Module, out: str | Path, force: bool = False) -> Path:
     """Write a peft model's adapter atomically, with the family it fits (model type, width, depth)."""
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
+    with atomic_path(out, force=force, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
         (tmp / FAMILY_FILE).write_text(json.dumps(_family(model.get_base_model()), indent=1))
     return Path(out)
 
 
-def save_checkpoint(model: nn.Module, tok, out: str | Path, force: bool = False) -> Path:
-    """A plain model's weights, config and tokenizer through steerkit's checkpoint writer (tied tensors once)."""
-    from steerkit.weights.checkpoint import CheckpointWriter
+def save_checkpoint(model: nn.Module, tok, out: str | Path, force: bool = False, inputs=()) -> Path:
+    """A plain model's weights, config, generation config and tokenizer files through steerkit's checkpoint
+    writer (tied tensors once, as transformers writes them)."""
+    from steerkit.weights.checkpoint import CheckpointWriter, specs_of
 
-    seen: set[int] = set()
-    with CheckpointWriter(out, force=force) as writer, tempfile.TemporaryDirectory() as tokdir:
-        for name, tensor in model.state_dict().items():
-            if tensor.data_ptr() in seen:  # a tied copy (lm_head = embed_tokens): written once, as transformers does
-                continue
-            seen.add(tensor.data_ptr())
-            writer.add(name, tensor.detach().cpu())
+    tensors, seen = [], set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied copy (lm_head = embed_tokens)
+            continue
+        seen.add(tensor.data_ptr())
+        tensors.append((name, tensor.detach()))
+    with CheckpointWriter(out, specs_of(tensors), force=force, inputs=inputs) as writer:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
         writer.add_file("config.json", model.config.to_json_string())
-        tok.save_pretrained(tokdir)
-        for path in Path(tokdir).iterdir():
-            writer.add_file(path.name, path.read_text())
+        if getattr(model, "generation_config", None) is not None:
+            writer.add_file("generation_config.json", model.generation_config.to_json_string())
+        with tempfile.TemporaryDirectory() as tokdir:
+            tok.save_pretrained(tokdir)
+            for path in Path(tokdir).iterdir():
+                writer.add_file(path.name, path.read_bytes())
     return Path(out)
 
 
@@ -210,9 +224,11 @@ def attach_adapter(model: nn.Module, adapter: str | Path, merge: bool = False) -
     from peft import PeftModel
 
     path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
+    if not confined(path, "adapter_config.json", "adapter file").is_file():
         raise FileNotFoundError(f"no LoRA adapter at {path} (adapter_config.json missing)")
-    family_file = path / FAMILY_FILE
+    if not confined(path, "adapter_model.safetensors", "adapter file").is_file():
+        raise ValueError(f"{path} has no adapter_model.safetensors: steerkit loads adapters from safetensors only")
+    family_file = confined(path, FAMILY_FILE, "adapter file")
     if family_file.is_file():
         wanted, have = json.loads(family_file.read_text()), _family(model)
         if wanted != have:

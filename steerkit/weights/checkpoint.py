@@ -1,24 +1,30 @@
-"""Hugging Face checkpoint directories, one tensor at a time: a lazy reader and an atomic sharded writer.
+"""Hugging Face checkpoint directories, one tensor at a time: a lazy reader and a streaming, atomic writer.
 
-The reader never loads a model: it opens the safetensors shards and hands out tensors by name. The writer
-fills shards up to a byte limit in a temporary directory, writes ``model.safetensors.index.json`` and the
-files a checkpoint needs besides weights (config, tokenizer, chat template, generation config), and renames
-the directory into place only when everything is written.
+The reader never loads a model: it opens the safetensors shards and hands out tensors by name; shard and
+side-file names from the checkpoint must stay inside its folder. The writer is told every tensor's name,
+shape and dtype up front, so it lays out the shards and writes their safetensors headers first; each tensor
+then goes straight to its offset on disk when added, and memory follows the largest tensor, not the shard
+size. It writes ``model.safetensors.index.json`` and the files a checkpoint needs besides weights (config,
+tokenizer, chat template, generation config) into a temporary directory renamed into place when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+import struct
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from steerkit._io import atomic_path, check_output, confined
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -36,6 +42,26 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# safetensors' dtype names
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+Spec = tuple[tuple[int, ...], torch.dtype]
 
 
 class CheckpointReader(Mapping):
@@ -47,9 +73,11 @@ class CheckpointReader(Mapping):
             raise FileNotFoundError(f"{self.path} is not a checkpoint directory")
         if (self.path / INDEX).is_file():
             try:
-                index = json.loads((self.path / INDEX).read_text())
+                index = json.loads((self.path / INDEX).read_text(encoding="utf-8"))
                 weight_map = dict(index["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{self.path / INDEX} is not a valid index: {err}") from None
         elif (self.path / SINGLE).is_file():
             weight_map = None
@@ -68,7 +96,7 @@ class CheckpointReader(Mapping):
 
     def _open(self, shard: str):
         """A fresh handle per read: the file is unmapped after it, so memory follows the tensor, not the model."""
-        file = self.path / shard
+        file = confined(self.path, shard, "shard")
         if not file.is_file():
             raise ValueError(f"shard {shard} listed in {self.path / INDEX} is missing")
         try:
@@ -93,8 +121,13 @@ class CheckpointReader(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor, read from the header only."""
+        return self.spec(name)[0]
+
+    def spec(self, name: str) -> Spec:
+        """(shape, dtype) of a tensor, read from the header only."""
         with self._open(self.weight_map[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
+            view = f.get_slice(name)
+            return tuple(view.get_shape()), DTYPES[view.get_dtype()]
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata of the first shard."""
@@ -102,8 +135,16 @@ class CheckpointReader(Mapping):
             return dict(f.metadata() or {})
 
     def config(self) -> dict:
-        file = self.path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else {}
+        file = confined(self.path, "config.json", "config")
+        if not file.is_file():
+            return {}
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{file} is not a JSON object")
+        return config
 
     def weight_files(self) -> list[Path]:
         return [self.path / shard for shard in sorted(set(self.weight_map.values()))]
@@ -135,92 +176,155 @@ def parse_size(size: int | str) -> int:
         raise ValueError(f"cannot read the size {size!r}: expected bytes or e.g. '100MB', '2GB'") from None
 
 
-class CheckpointWriter:
-    """Write a sharded safetensors checkpoint into ``out``, atomically.
+def shard_layout(specs: Mapping[str, Spec], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into shards in order, each up to ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
-    >>> with CheckpointWriter("out", max_shard_size="2GB", source="base") as w:
+
+def _header(names: list[str], specs: Mapping[str, Spec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors header (length prefix + JSON, padded to 8 bytes) and each tensor's (start, nbytes) in the file."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    spans, offset = {}, 0
+    for name in names:
+        shape, dtype = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {name: (len(prefix) + start, nbytes) for name, (start, nbytes) in spans.items()}
+
+
+class CheckpointWriter:
+    """Write a sharded safetensors checkpoint into ``out``, atomically, streaming each tensor to disk.
+
+    >>> specs = {name: reader.spec(name) for name in reader}
+    >>> with CheckpointWriter("out", specs, max_shard_size="2GB", source="base") as w:
     ...     for name in reader: w.add(name, tensor)
     ...     w.add_file("README.md", "...")
 
-    On an exception nothing is left behind; an existing ``out`` is refused unless ``force=True``.
+    ``specs`` maps every tensor to write to its (shape, dtype), in the order of the shards. Tensors may be
+    added in any order; each must match its spec, and all must be added. On an exception nothing is left
+    behind; ``out`` follows the output rules of ``steerkit._io`` (``force`` to replace, never an input).
     """
 
     def __init__(
         self,
         out: str | os.PathLike,
+        specs: Mapping[str, Spec],
         max_shard_size: int | str = "5GB",
         source: str | os.PathLike | None = None,
         force: bool = False,
+        inputs: Iterable[str | os.PathLike] = (),
         config_updates: dict | None = None,
     ):
-        self.out = Path(out)
-        if self.out.exists() and not force:
-            raise FileExistsError(f"{self.out} already exists; pass force=True (--force) to replace it")
-        self.max_bytes = parse_size(max_shard_size)
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors files are little-endian; this machine is not")
+        self.specs = {name: (tuple(int(d) for d in shape), dtype) for name, (shape, dtype) in specs.items()}
+        if not self.specs:
+            raise ValueError("a checkpoint needs at least one tensor")
+        unknown = [dtype for _, dtype in self.specs.values() if dtype not in DTYPE_NAMES]
+        if unknown:
+            raise ValueError(f"dtype {unknown[0]} cannot be stored in safetensors")
         self.source = Path(source) if source is not None else None
+        self.inputs = [*inputs, *([self.source] if self.source else [])]
+        self.out = check_output(out, force=force, inputs=self.inputs, directory=True)
+        self.force = force
+        self.max_bytes = parse_size(max_shard_size)
         self.config_updates = config_updates or {}
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_size = 0
-        self._files: dict[str, str] = {}
+        self.shards = shard_layout(self.specs, self.max_bytes)
+        self.total_size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs.values())
+        self._files: dict[str, str | bytes] = {}
+        self._added: set[str] = set()
+        self._places: dict[str, tuple[str, int, int]] = {}  # name -> (shard file, offset, nbytes)
+        self._stack = contextlib.ExitStack()
+
+    def shard_name(self, index: int) -> str:
+        n = len(self.shards)
+        return SINGLE if n == 1 else f"model-{index + 1:05d}-of-{n:05d}.safetensors"
 
     def __enter__(self) -> CheckpointWriter:
-        self.tmp.mkdir(parents=True)
+        with self._stack:  # on a failure here the temporary directory goes at once
+            self.tmp = self._stack.enter_context(
+                atomic_path(self.out, force=self.force, inputs=self.inputs, directory=True)
+            )
+            self.tmp.mkdir()
+            for i, names in enumerate(self.shards):
+                prefix, places = _header(names, self.specs)
+                file = self.shard_name(i)
+                with open(self.tmp / file, "wb") as handle:
+                    handle.write(prefix)
+                    handle.truncate(max([len(prefix)] + [start + nbytes for start, nbytes in places.values()]))
+                self._places.update({name: (file, start, nbytes) for name, (start, nbytes) in places.items()})
+            self._stack = self._stack.pop_all()
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a shard is flushed to disk when the next tensor would overflow it."""
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_size += nbytes
+        """Write one tensor at its place in its shard (its shape and dtype must match its spec)."""
+        if name not in self.specs:
+            raise KeyError(f"{name!r} is not among the tensors this checkpoint was planned with")
+        if name in self._added:
+            raise ValueError(f"{name!r} was already written")
+        shape, dtype = self.specs[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        file, start, nbytes = self._places[name]
+        if nbytes:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            with open(self.tmp / file, "r+b") as handle:
+                handle.seek(start)
+                handle.write(memoryview(data))
+        self._added.add(name)
 
-    def _flush(self) -> None:
-        number = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{number:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
-
-    def add_file(self, name: str, text: str) -> None:
-        """A text file to write beside the weights (a model card, metadata); it wins over a carried-over one."""
-        self._files[name] = text
+    def add_file(self, name: str, content: str | bytes) -> None:
+        """A file to write beside the weights (a model card, metadata); it wins over a carried-over one."""
+        self._files[name] = content
 
     def _finish(self) -> None:
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self.tmp / "shard-00000.tmp", self.tmp / SINGLE)
-        else:
-            weight_map = {}
-            for i, names in enumerate(self._shards):
-                final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(self.tmp / f"shard-{i:05d}.tmp", self.tmp / final)
-                weight_map.update(dict.fromkeys(names, final))
+        missing = [name for name in self.specs if name not in self._added]
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensor(s) were never written, e.g. {missing[0]!r}")
+        if len(self.shards) > 1:
+            weight_map = {name: self.shard_name(i) for i, names in enumerate(self.shards) for name in names}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if self.source is not None:
             for name in SIDE_FILES:
-                if (self.source / name).is_file():
-                    shutil.copy2(self.source / name, self.tmp / name)
-        for name, text in self._files.items():
-            (self.tmp / name).write_text(text)
+                file = confined(self.source, name, "side file")
+                if file.is_file():
+                    shutil.copyfile(file, self.tmp / name)
+        for name, content in self._files.items():
+            target = confined(self.tmp, name, "file")
+            target.write_bytes(content if isinstance(content, bytes) else content.encode())
         if self.config_updates:
             config_file = self.tmp / "config.json"
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
             config.update(self.config_updates)
             config_file.write_text(json.dumps(config, indent=2) + "\n")
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
                 self._finish()
-                if self.out.exists():
-                    shutil.rmtree(self.out)
-                os.replace(self.tmp, self.out)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            except BaseException:
+                if not self._stack.__exit__(*sys.exc_info()):
+                    raise
+                return False
+        return self._stack.__exit__(exc_type, exc, tb)
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]) -> dict[str, Spec]:
+    """(shape, dtype) of tensors held in memory, for ``CheckpointWriter``."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return {name: (tuple(t.shape), t.dtype) for name, t in items}

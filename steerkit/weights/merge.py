@@ -8,6 +8,7 @@ NaN/inf after each tensor, into a temporary directory renamed only when complete
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,25 +21,9 @@ from steerkit import arch
 from steerkit._checks import finite
 from steerkit.vector import SteeringVector
 from steerkit.weights.checkpoint import CheckpointWriter
-from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, layer_of
+from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, delta_shape, layer_of, sources
 
 METHODS = ("task_arithmetic", "ties", "dare")
-
-
-def _shape(deltas: Mapping, name: str) -> tuple[int, ...]:
-    """A delta's shape, from file headers where the deltas are lazy."""
-    return deltas.shape(name) if callable(getattr(deltas, "shape", None)) else tuple(deltas[name].shape)
-
-
-def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step)."""
-    k = int(round(delta.numel() * (1 - density)))
-    if k <= 0:
-        return delta
-    threshold = delta.abs().flatten().kthvalue(k).values
-    return torch.where(delta.abs() > threshold, delta, torch.zeros_like(delta))
-
-
 CHUNK = 1 << 22  # elements per float32 temporary (16 MB): memory follows this, not the largest tensor
 
 
@@ -59,32 +44,67 @@ def _source(deltas: Mapping, name: str):
     return lambda rows: delta[rows].float()
 
 
+def magnitude_kth(source, shape: torch.Size, k: int) -> float:
+    """The ``k``-th smallest |delta| (1-based), exactly, reading the delta in row chunks.
+
+    A radix select on float32 bit patterns, which order like the values for non-negative floats: count the
+    top 16 bits over every chunk, then the low 15 bits inside the bucket holding the k-th value.
+    """
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for rows in _row_slices(shape):
+        bits = source(rows).abs().reshape(-1).view(torch.int32)
+        high += torch.bincount(bits >> 15, minlength=1 << 16)
+    cumulative = high.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, k))
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    low = torch.zeros(1 << 15, dtype=torch.int64)
+    for rows in _row_slices(shape):
+        bits = source(rows).abs().reshape(-1).view(torch.int32)
+        low += torch.bincount(bits[(bits >> 15) == bucket] & 0x7FFF, minlength=1 << 15)
+    rest = int(torch.searchsorted(low.cumsum(0), k - below))
+    return torch.tensor([(bucket << 15) | rest], dtype=torch.int32).view(torch.float32).item()
+
+
 def combine(base: torch.Tensor, parts: list, method: str, density: float, generator=None) -> torch.Tensor:
-    """``base`` plus weighted deltas, in ``base``'s dtype: task arithmetic, TIES (trim, elect sign, disjoint
-    mean) or DARE (drop with probability 1 − density, rescale). ``parts``: ``(rows -> float32 delta, α)``.
-    Task arithmetic and DARE run over row chunks, so float32 temporaries stay small for any tensor."""
+    """``base`` plus weighted deltas, in ``base``'s dtype: task arithmetic, TIES (trim to the ``density``
+    largest magnitudes, elect the sign, disjoint mean) or DARE (drop with probability 1 − density, rescale).
+    ``parts``: ``(rows -> float32 delta, α)``. Every method runs over row chunks, so float32 temporaries stay
+    small for any tensor (TIES finds each delta's trim threshold exactly in two chunked passes first)."""
+    cuts = []
     if method == "ties":
-        weighted = torch.stack([alpha * _trim(source(slice(None)), density) for source, alpha in parts])
-        sign = torch.sign(weighted.sum(0))
-        agree = (torch.sign(weighted) == sign) & (weighted != 0)
-        merged = (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
-        return (base.float() + merged).to(base.dtype)
+        k = int(round(base.numel() * (1 - density)))
+        cuts = [magnitude_kth(source, base.shape, k) if k > 0 else -1.0 for source, _ in parts]
     out = torch.empty_like(base)
     for rows in _row_slices(base.shape):
         acc = base[rows].float()
-        for source, alpha in parts:
-            delta = source(rows)
-            if method == "dare":
-                delta = delta * (torch.rand(delta.shape, generator=generator) < density) / density
-            acc += alpha * delta
+        if method == "ties":
+            weighted = torch.stack(
+                [
+                    alpha * torch.where(d.abs() > cut, d, 0.0)
+                    for (d, alpha), cut in zip(_chunks(parts, rows), cuts, strict=True)
+                ]
+            )
+            sign = torch.sign(weighted.sum(0))
+            agree = (torch.sign(weighted) == sign) & (weighted != 0)
+            acc += (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
+        else:
+            for delta, alpha in _chunks(parts, rows):
+                if method == "dare":
+                    delta = delta * (torch.rand(delta.shape, generator=generator) < density) / density
+                acc += alpha * delta
         out[rows] = acc.to(base.dtype)
     return out
 
 
-def _steerkit_version() -> str:
-    import steerkit
+def _chunks(parts: list, rows) -> list[tuple[torch.Tensor, float]]:
+    return [(source(rows), alpha) for source, alpha in parts]
 
-    return steerkit.__version__
+
+def _steerkit_version() -> str:
+    try:
+        return importlib.metadata.version("steerkit")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _card(title: str, lines: list[str]) -> str:
@@ -98,7 +118,7 @@ def merge(
     vectors: Sequence[tuple[TaskVector | str | os.PathLike, float]],
     out: str | os.PathLike,
     method: str = "task_arithmetic",
-    alpha_by_layer: Mapping[int, float] | None = None,
+    alpha_by_layer: Mapping[int, float] | str | None = None,
     density: float = 0.5,
     seed: int = 0,
     max_shard_size: int | str = "5GB",
@@ -108,8 +128,9 @@ def merge(
     """Write ``base + Σ α_i·v_i`` (or TIES / DARE) as a checkpoint in ``out``.
 
     ``vectors``: ``(TaskVector or task-vector directory, α)`` pairs. ``alpha_by_layer`` multiplies every α
-    for the tensors of a layer (``{0: 0.5, ...}``; unlisted layers and non-layer tensors keep α). ``density``
-    is the kept fraction for TIES and DARE. Tensors no vector touches are copied bit for bit.
+    for the tensors of a layer (``{0: 0.5, ...}`` or ``"0-9:0.5,10:1.5"``; unlisted layers and non-layer
+    tensors keep α). ``density`` is the kept fraction for TIES and DARE. Tensors no vector touches are copied
+    bit for bit. Every merged tensor must be finite in the base's dtype; ``out`` may not be an input.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
@@ -123,7 +144,7 @@ def merge(
     for vec, alpha in vectors:
         tv = vec if isinstance(vec, TaskVector) else TaskVector.load(vec)
         loaded.append((tv, finite(alpha)))
-    scales = {int(k): finite(v, f"alpha_by_layer[{k}]") for k, v in (alpha_by_layer or {}).items()}
+    scales = _layer_scales(alpha_by_layer, arch.config_depth(config) or 1 + max((layer_of(n) or 0) for n in reader))
     # Validate everything before a byte is written.
     for tv, _ in loaded:
         source = tv.metadata.get("a") or "a task vector"
@@ -133,13 +154,16 @@ def merge(
         for name in tv.deltas:
             if name not in reader:
                 raise ValueError(f"{source}: tensor {name!r} is missing from the base {reader.path}")
-            if _shape(tv.deltas, name) != reader.shape(name):
+            if delta_shape(tv.deltas, name) != reader.shape(name):
                 raise ValueError(
-                    f"{source}: {name} has shape {_shape(tv.deltas, name)} but the base has {reader.shape(name)} "
+                    f"{source}: {name} has shape {delta_shape(tv.deltas, name)} but the base has {reader.shape(name)} "
                     "(a vector computed from another base?)"
                 )
     generator = torch.Generator().manual_seed(seed)
-    with CheckpointWriter(out, max_shard_size=max_shard_size, source=reader.path, force=force) as writer:
+    inputs = [path for tv, _ in loaded for path in sources(tv.deltas)]
+    specs = {name: reader.spec(name) for name in reader}
+    writer = CheckpointWriter(out, specs, max_shard_size, source=reader.path, force=force, inputs=inputs)
+    with writer:
         for name in tqdm(reader, desc="merge", disable=(not progress) if progress is not None else None):
             tensor = reader[name]
             scale = scales.get(layer_of(name), 1.0)
@@ -149,7 +173,11 @@ def merge(
                 continue
             merged = combine(tensor, [(_source(d, name), a) for d, a in parts], method, density, generator)
             if not torch.isfinite(merged).all():
-                raise ValueError(f"{name}: NaN or inf after merging; nothing was written")
+                alphas = ", ".join(f"{a:g}" for _, a in parts)
+                raise ValueError(
+                    f"{name}: NaN or inf after merging into {reader.path} (α {alphas}, {tensor.dtype}); "
+                    "nothing was written"
+                )
             writer.add(name, merged)
         lines = [
             f"base: `{base}`",
@@ -161,6 +189,15 @@ def merge(
             lines.append(f"per-layer α multipliers: {scales}")
         writer.add_file("README.md", _card("Merged checkpoint", lines))
     return Path(out)
+
+
+def _layer_scales(alpha_by_layer, n_layers: int) -> dict[int, float]:
+    """Per-layer α multipliers from a dict or a ``"0-9:0.5"`` spec, every layer inside the model."""
+    if alpha_by_layer is None:
+        return {}
+    if isinstance(alpha_by_layer, str):
+        return arch.parse_layer_values(alpha_by_layer, n_layers)
+    return {arch.validate_layer(k, n_layers): finite(v, f"alpha_by_layer[{k}]") for k, v in alpha_by_layer.items()}
 
 
 def bake(
@@ -195,9 +232,9 @@ def bake(
             "or steer with hooks (steerkit.steer) instead"
         )
     hidden = config.get("hidden_size") or config.get("n_embd")
-    n_layers = config.get("num_hidden_layers") or config.get("n_layer")
+    n_layers = arch.config_depth(config)
     vector.check_model(hidden, n_layers)
-    chosen = vector.layers if layers is None else list(layers)
+    chosen = vector.layers if layers is None else arch.layer_list(layers, n_layers)
     missing = [layer for layer in chosen if layer not in vector]
     if missing:
         raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
@@ -206,32 +243,41 @@ def bake(
         raise ValueError(
             f"{reader.path} has no tensor {prefix}.0.{spec.mlp_out}.weight: not a {model_type} checkpoint?"
         )
-    dtype = reader[f"{prefix}.0.{spec.mlp_out}.weight"].dtype
-    steer = {f"{prefix}.{i}.{spec.mlp_out}.bias": alpha * vector[i] for i in chosen}
+    dtype = reader.spec(f"{prefix}.0.{spec.mlp_out}.weight")[1]
     new_biases = {}
     if llama_like and not config.get("mlp_bias"):
         inter = config["intermediate_size"]
         for i in range(n_layers):
             for proj, width in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
                 new_biases[f"{prefix}.{i}.mlp.{proj}.bias"] = torch.zeros(width, dtype=dtype)
+    steer = {}
+    for i in chosen:  # α·v must be finite in the dtype the bias is stored in
+        name = f"{prefix}.{i}.{spec.mlp_out}.bias"
+        if name not in reader and name not in new_biases:
+            raise ValueError(f"the checkpoint has no bias tensor {name!r} to carry the vector")
+        bias = (alpha * vector[i].double()).to(dtype)
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError(
+                f"alpha={alpha:g} times the layer-{i} direction (norm {float(vector[i].norm()):.4g}) is not finite in "
+                f"{str(dtype).removeprefix('torch.')}: use a smaller alpha; nothing was written"
+            )
+        steer[name] = alpha * vector[i]
     record = {"layers": chosen, "alpha": alpha, "method": vector.metadata.get("method"), "norms": vector.norms()}
     updates = {"steerkit_bake": record}
     if llama_like:
         updates["mlp_bias"] = True
+    specs = {name: reader.spec(name) for name in reader}
+    specs.update({name: (tuple(t.shape), t.dtype) for name, t in new_biases.items()})
     with CheckpointWriter(
-        out, max_shard_size=max_shard_size, source=reader.path, force=force, config_updates=updates
+        out, specs, max_shard_size, source=reader.path, force=force, config_updates=updates
     ) as writer:
-        for name in reader:
-            tensor = reader[name]
+        for name in specs:
+            tensor = reader[name] if name in reader else new_biases[name]
             if name in steer:
-                tensor = (tensor.float() + steer.pop(name)).to(tensor.dtype)
+                tensor = (tensor.float() + steer[name]).to(tensor.dtype)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{name}: the steered bias is not finite in {tensor.dtype}; nothing was written")
             writer.add(name, tensor)
-        for name, tensor in new_biases.items():
-            if name in steer:
-                tensor = (tensor.float() + steer.pop(name)).to(dtype)
-            writer.add(name, tensor)
-        if steer:
-            raise ValueError(f"the checkpoint has no bias tensor {next(iter(steer))!r} to carry the vector")
         lines = [
             f"base: `{base}`",
             f"steering vector ({record['method']}) baked at layers {chosen}, α = {alpha:g}",

@@ -39,6 +39,18 @@ def _reader(source) -> CheckpointReader:
     return CheckpointReader(embedded_checkpoint(source) if str(source) in EMBEDDED else source)
 
 
+def delta_shape(deltas: Mapping, name: str) -> tuple[int, ...]:
+    """A delta's shape, from file headers where the deltas are lazy."""
+    return tuple(deltas.shape(name) if callable(getattr(deltas, "shape", None)) else deltas[name].shape)
+
+
+def sources(deltas: Mapping) -> list[Path]:
+    """The checkpoint folders a task vector's deltas are read from (inputs no output may replace)."""
+    if isinstance(deltas, _Deltas):
+        return [deltas.a.path, deltas.b.path]
+    return [deltas.path] if isinstance(deltas, CheckpointReader) else []
+
+
 class _Deltas(Mapping):
     """θ_A − θ_B, computed in float32 when a tensor is asked for: nothing is held in memory."""
 
@@ -121,7 +133,11 @@ class TaskVector:
             base = self.deltas.b if isinstance(self.deltas, _Deltas) else None
             stats = {}
             for name in self.deltas:
-                norm = float(self.deltas[name].norm())
+                delta = self.deltas[name]
+                if not bool(torch.isfinite(delta).all()):
+                    where = " and ".join(str(p) for p in sources(self.deltas)) or "the task vector"
+                    raise ValueError(f"{name}: the delta holds NaN or inf (read from {where}); nothing was written")
+                norm = float(delta.norm())
                 ref = float(base[name].float()[: self.deltas.shape(name)[0]].norm()) if base is not None else 0.0
                 stats[name] = {"norm": norm, "relative": norm / ref if ref > 0 else float("nan")}
             self.metadata["stats"] = stats
@@ -144,11 +160,13 @@ class TaskVector:
 
     def save(self, out: str | os.PathLike, force: bool = False, max_shard_size: int | str = "5GB") -> Path:
         """Write the deltas as a checkpoint directory; ``task_vector.json`` names the sources and their hashes."""
+        specs = {name: (delta_shape(self.deltas, name), torch.float32) for name in self.deltas}
+        writer = CheckpointWriter(out, specs, max_shard_size=max_shard_size, force=force, inputs=sources(self.deltas))
         meta = dict(self.metadata)
-        meta["stats"] = self._tensor_stats()
+        meta["stats"] = self._tensor_stats()  # refuses NaN / inf deltas before anything is written
         if isinstance(self.deltas, _Deltas):
             meta["a_hash"], meta["b_hash"] = self.deltas.a.content_hash(), self.deltas.b.content_hash()
-        with CheckpointWriter(out, max_shard_size=max_shard_size, force=force) as writer:
+        with writer:
             for name in self.deltas:
                 writer.add(name, self.deltas[name].float())
             writer.add_file("task_vector.json", json.dumps(meta, indent=1) + "\n")
