@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from steerkit._io import write_text
+
 OUT = Path(__file__).resolve().parents[1] / "steerkit" / "data"
 
 TOPICS = [
@@ -221,7 +223,7 @@ def main() -> None:
             json.dumps({"positive": p, "negative": n, "split": "test" if i % 5 == 4 else "train"})
             for i, (p, n) in enumerate(pairs)
         ]
-        (OUT / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text("\n".join(lines) + "\n", OUT / f"{name}.jsonl", force=True)  # regenerates the bundled sets
         print(f"{name}: {len(pairs)} pairs")
 
 
