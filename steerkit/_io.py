@@ -114,10 +114,15 @@ def stale_temporaries(folder: PathLike) -> list[Path]:
     return found
 
 
+_reported: set[Path] = set()  # stale temporaries already named in this process
+
+
 def _report_stale(final: Path) -> None:
     if not final.parent.is_dir():
         return
     stale = [p for p in stale_temporaries(final.parent) if p.name.startswith(f".{final.name}.steerkit-")]
+    stale = [p for p in stale if p not in _reported]
+    _reported.update(stale)
     if stale:
         warnings.warn(
             f"{len(stale)} temporary file(s) left by an interrupted steerkit run beside {final} "

@@ -33,7 +33,8 @@ class Recorder:
 
     Several forward calls (a KV-cache generation) are concatenated along the sequence. With ``stop=True``
     the forward ends after the deepest recorded block: the call raises ``StopForward`` and the ``with``
-    block swallows it, so code after the call inside the block does not run.
+    block swallows it, so code after the call inside the block does not run. Only forwards run from the
+    thread (or asyncio task) that entered the recorder are recorded.
     """
 
     def __init__(self, model: nn.Module, layers, stop: bool = False, blocks: str | None = None):

@@ -688,3 +688,27 @@ def test_ties_in_row_chunks_equals_the_whole_tensor_computation(monkeypatch):
     monkeypatch.setattr(merge_module, "CHUNK", 160)  # 4 rows a chunk: 13 chunks
     parts = [((lambda rows, d=d: d[rows]), a) for d, a in zip(deltas, alphas, strict=True)]
     assert torch.equal(merge_module.combine(base, parts, "ties", density), expected)
+
+
+@pytest.mark.slow
+def test_embedded_model_generation_is_unsteered_while_another_thread_steers(smollm):
+    model, tok = smollm
+    vec = sk.SteeringVector({8: torch.randn(576, generator=torch.Generator().manual_seed(0)) * 20})
+    plain = sk.generate(model, tok, ["Describe your morning."], max_new_tokens=6)[0]["unsteered"]
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold():
+        with sk.steer(model, vec, alpha=1.0):
+            seen["steered"] = sk.generate(model, tok, ["Describe your morning."], max_new_tokens=6)[0]["unsteered"]
+            entered.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(60)
+    try:
+        other = sk.generate(model, tok, ["Describe your morning."], max_new_tokens=6)[0]["unsteered"]
+    finally:
+        release.set()
+        thread.join()
+    assert other == plain and seen["steered"] != plain
