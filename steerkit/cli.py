@@ -432,21 +432,32 @@ def bake(
         str, typer.Option(help="Steering strength: the checkpoint adds alpha * v at every position.")
     ] = "1.0",
     layers: LayersOpt = None,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="auto: natively where the model has an MLP output bias, else re-expressed exactly as Llama "
+            "(Qwen2, Mistral, Phi-3); native: never re-express; llama: re-express as Llama."
+        ),
+    ] = "auto",
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 2GB or 100MB.")] = "5GB",
     force: ForceOpt = False,
 ) -> None:
     """Bake a steering vector into weights: a checkpoint that any engine serves steered, without steerkit.
 
-    The vector becomes the bias of each block's MLP output projection (Llama family via mlp_bias; GPT-2,
-    GPT-NeoX). Architectures without such a bias get an error; use export-gguf or hook steering there.
+    The vector becomes the bias of each steered block's MLP output projection. Llama (mlp_bias), GPT-2 and
+    GPT-NeoX carry it natively; Qwen2, Mistral and Phi-3 are re-expressed exactly as Llama (checked before
+    writing); Qwen3, Gemma and others get an error: use export-gguf or hook steering there.
     """
     import steerkit as sk
+    from steerkit.weights.bake import MODES
 
+    if family not in MODES:
+        raise typer.BadParameter(f"{family!r}: expected one of {list(MODES)}", param_hint="--family")
     vec = _load_vector(vector)
     a = _parse_alpha(alpha)
     _output(output, force, [*_model_inputs(base), vector], directory=True)
     chosen = _layers(layers, base) if layers else None
-    sk.bake(base, vec, a, output, layers=chosen, max_shard_size=max_shard_size, force=force)
+    sk.bake(base, vec, a, output, layers=chosen, max_shard_size=max_shard_size, force=force, family=family)
     typer.echo(f"wrote {output}")
 
 

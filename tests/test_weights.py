@@ -245,7 +245,7 @@ def test_bake_equals_hook_steering(tmp_path, tok, model_type):
     assert config["steerkit_bake"]["layers"] == [0, 2] and config["steerkit_bake"]["alpha"] == 1.5
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2"])
 def test_bake_refuses_architectures_without_the_bias(tmp_path, tok, model_type):
     base = _save(make_tiny(model_type, len(tok)), tmp_path / "base")
     with pytest.raises(ValueError, match="export-gguf"):

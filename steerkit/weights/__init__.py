@@ -1,7 +1,8 @@
 """Weight space: lazy checkpoint I/O, task vectors, merging, baking steering vectors into weights."""
 
+from steerkit.weights.bake import FAMILIES, bake
 from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
-from steerkit.weights.merge import bake, merge
+from steerkit.weights.merge import merge
 from steerkit.weights.taskvec import TaskVector
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "TaskVector", "bake", "merge"]
+__all__ = ["FAMILIES", "CheckpointReader", "CheckpointWriter", "TaskVector", "bake", "merge"]

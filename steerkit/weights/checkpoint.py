@@ -11,7 +11,9 @@ tokenizer, chat template, generation config) into a temporary directory renamed 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -227,7 +229,6 @@ class CheckpointWriter:
         source: str | os.PathLike | None = None,
         force: bool = False,
         inputs: Iterable[str | os.PathLike] = (),
-        config_updates: dict | None = None,
     ):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; this machine is not")
@@ -242,7 +243,6 @@ class CheckpointWriter:
         self.out = check_output(out, force=force, inputs=self.inputs, directory=True)
         self.force = force
         self.max_bytes = parse_size(max_shard_size)
-        self.config_updates = config_updates or {}
         self.shards = shard_layout(self.specs, self.max_bytes)
         self.total_size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs.values())
         self._files: dict[str, str | bytes] = {}
@@ -307,11 +307,6 @@ class CheckpointWriter:
         for name, content in self._files.items():
             target = confined(self.tmp, name, "file")
             target.write_bytes(content if isinstance(content, bytes) else content.encode())
-        if self.config_updates:
-            config_file = self.tmp / "config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            config.update(self.config_updates)
-            config_file.write_text(json.dumps(config, indent=2) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
@@ -322,6 +317,16 @@ class CheckpointWriter:
                     raise
                 return False
         return self._stack.__exit__(exc_type, exc, tb)
+
+
+def model_card(title: str, lines: list[str]) -> str:
+    """A checkpoint's README.md: what steerkit wrote (version, date) and one bullet per fact."""
+    try:
+        version = importlib.metadata.version("steerkit")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
+    body = "\n".join(f"- {line}" for line in lines)
+    return f"# {title}\n\nWritten by steerkit {version} on {datetime.date.today().isoformat()}.\n\n{body}\n"
 
 
 def specs_of(tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]) -> dict[str, Spec]:

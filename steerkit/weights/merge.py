@@ -1,14 +1,12 @@
-"""Merge task vectors into a checkpoint, and bake a steering vector into weights; one tensor at a time.
+"""Merge task vectors into a checkpoint, one tensor at a time (task arithmetic, TIES, DARE).
 
-Both write a plain Hugging Face checkpoint (``transformers`` loads it without steerkit): every tensor of
+The result is a plain Hugging Face checkpoint (``transformers`` loads it without steerkit): every tensor of
 the base, in the base's dtype, computed in float32, validated before a byte is written and checked for
 NaN/inf after each tensor, into a temporary directory renamed only when complete.
 """
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,8 +17,7 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit._checks import finite
-from steerkit.vector import SteeringVector
-from steerkit.weights.checkpoint import CheckpointWriter
+from steerkit.weights.checkpoint import CheckpointWriter, model_card
 from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, delta_shape, layer_of, sources
 
 METHODS = ("task_arithmetic", "ties", "dare")
@@ -100,19 +97,6 @@ def _chunks(parts: list, rows) -> list[tuple[torch.Tensor, float]]:
     return [(source(rows), alpha) for source, alpha in parts]
 
 
-def _steerkit_version() -> str:
-    try:
-        return importlib.metadata.version("steerkit")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
-def _card(title: str, lines: list[str]) -> str:
-    stamp = datetime.date.today().isoformat()
-    body = "\n".join(f"- {line}" for line in lines)
-    return f"# {title}\n\nWritten by steerkit {_steerkit_version()} on {stamp}.\n\n{body}\n"
-
-
 def merge(
     base: str | os.PathLike,
     vectors: Sequence[tuple[TaskVector | str | os.PathLike, float]],
@@ -187,7 +171,7 @@ def merge(
             lines.append(f"added α = {alpha:g} × (`{tv.metadata.get('a')}` − `{tv.metadata.get('b')}`)")
         if scales:
             lines.append(f"per-layer α multipliers: {scales}")
-        writer.add_file("README.md", _card("Merged checkpoint", lines))
+        writer.add_file("README.md", model_card("Merged checkpoint", lines))
     return Path(out)
 
 
@@ -198,90 +182,3 @@ def _layer_scales(alpha_by_layer, n_layers: int) -> dict[int, float]:
     if isinstance(alpha_by_layer, str):
         return arch.parse_layer_values(alpha_by_layer, n_layers)
     return {arch.validate_layer(k, n_layers): finite(v, f"alpha_by_layer[{k}]") for k, v in alpha_by_layer.items()}
-
-
-def bake(
-    base: str | os.PathLike,
-    vector: SteeringVector,
-    alpha: float,
-    out: str | os.PathLike,
-    layers: Sequence[int] | None = None,
-    max_shard_size: int | str = "5GB",
-    force: bool = False,
-) -> Path:
-    """Write a checkpoint whose plain forward equals hook steering ``h += α·v`` at every position.
-
-    The vector becomes the bias of each steered block's last residual-writing projection (the MLP output):
-    Llama-family models through ``mlp_bias`` (zero gate/up/down biases elsewhere), GPT-2 and GPT-NeoX
-    through the biases they already have. Architectures that cannot carry it raise an error.
-    """
-    alpha = finite(alpha)
-    reader = _reader(base)
-    config = reader.config()
-    model_type = config.get("model_type")
-    spec = arch.ARCHS.get(model_type)
-    llama_like = spec is not None and spec.mlp_out == "mlp.down_proj" and not spec.norm_after_writers
-    if llama_like:
-        from transformers import AutoConfig
-
-        llama_like = hasattr(AutoConfig.for_model(model_type), "mlp_bias")
-    if spec is None or spec.norm_after_writers or (spec.mlp_out == "mlp.down_proj" and not llama_like):
-        raise ValueError(
-            f"cannot bake a steering vector into a {model_type!r} checkpoint: its MLP output projection has no "
-            "bias (or a norm follows it). Export a llama.cpp control vector (vec.to_gguf / steerkit export-gguf) "
-            "or steer with hooks (steerkit.steer) instead"
-        )
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    n_layers = arch.config_depth(config)
-    vector.check_model(hidden, n_layers)
-    chosen = vector.layers if layers is None else arch.layer_list(layers, n_layers)
-    missing = [layer for layer in chosen if layer not in vector]
-    if missing:
-        raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
-    prefix = spec.blocks
-    if f"{prefix}.0.{spec.mlp_out}.weight" not in reader:
-        raise ValueError(
-            f"{reader.path} has no tensor {prefix}.0.{spec.mlp_out}.weight: not a {model_type} checkpoint?"
-        )
-    dtype = reader.spec(f"{prefix}.0.{spec.mlp_out}.weight")[1]
-    new_biases = {}
-    if llama_like and not config.get("mlp_bias"):
-        inter = config["intermediate_size"]
-        for i in range(n_layers):
-            for proj, width in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
-                new_biases[f"{prefix}.{i}.mlp.{proj}.bias"] = torch.zeros(width, dtype=dtype)
-    steer = {}
-    for i in chosen:  # α·v must be finite in the dtype the bias is stored in
-        name = f"{prefix}.{i}.{spec.mlp_out}.bias"
-        if name not in reader and name not in new_biases:
-            raise ValueError(f"the checkpoint has no bias tensor {name!r} to carry the vector")
-        bias = (alpha * vector[i].double()).to(dtype)
-        if not bool(torch.isfinite(bias).all()):
-            raise ValueError(
-                f"alpha={alpha:g} times the layer-{i} direction (norm {float(vector[i].norm()):.4g}) is not finite in "
-                f"{str(dtype).removeprefix('torch.')}: use a smaller alpha; nothing was written"
-            )
-        steer[name] = alpha * vector[i]
-    record = {"layers": chosen, "alpha": alpha, "method": vector.metadata.get("method"), "norms": vector.norms()}
-    updates = {"steerkit_bake": record}
-    if llama_like:
-        updates["mlp_bias"] = True
-    specs = {name: reader.spec(name) for name in reader}
-    specs.update({name: (tuple(t.shape), t.dtype) for name, t in new_biases.items()})
-    with CheckpointWriter(
-        out, specs, max_shard_size, source=reader.path, force=force, config_updates=updates
-    ) as writer:
-        for name in specs:
-            tensor = reader[name] if name in reader else new_biases[name]
-            if name in steer:
-                tensor = (tensor.float() + steer[name]).to(tensor.dtype)
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"{name}: the steered bias is not finite in {tensor.dtype}; nothing was written")
-            writer.add(name, tensor)
-        lines = [
-            f"base: `{base}`",
-            f"steering vector ({record['method']}) baked at layers {chosen}, α = {alpha:g}",
-            "the vector is the bias of each steered block's MLP output projection",
-        ]
-        writer.add_file("README.md", _card("Steered checkpoint", lines))
-    return Path(out)
