@@ -55,6 +55,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def input_device(model: nn.Module):
+    """Where a model's inputs go: its embedding's device, or the CPU when accelerate has offloaded the
+    embedding (its hooks then move inputs to the execution device)."""
+    import torch
+
+    weight = unwrap(model).get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
 def num_layers(model: nn.Module) -> int:
     """Number of decoder blocks."""
     return len(get_blocks(model))

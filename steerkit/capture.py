@@ -16,8 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steerkit import arch
-from steerkit.backends import runner_for
+from steerkit.backends import fingerprint, runner_for
 from steerkit.batching import check_texts, length_batches, pad_batch, pad_id, tokenize
+from steerkit.distributed import all_gather, interleave, world
 from steerkit.hooks import StopForward, intervene
 
 Position = Literal["last", "mean", "all"] | int
@@ -91,7 +92,7 @@ class _HFRunner:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return arch.input_device(self.model)
 
     def run(self, input_ids, attention_mask, position_ids, layers) -> dict[int, torch.Tensor]:
         with Recorder(self.model, layers, stop=True, blocks=self.blocks) as rec:
@@ -138,14 +139,17 @@ def capture(
     truncate: bool = False,
     blocks: str | None = None,
     progress: bool | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Residual-stream activations after blocks ``layers`` for each text: float32 CPU ``[N, len(layers), d_model]``.
+    """Residual-stream activations after blocks ``layers`` for each text: float32 ``[N, len(layers), d_model]``.
 
     ``position``: ``"last"`` (last real token), ``"mean"`` (mean over real tokens), an int (index among the
     real tokens; negative counts from the end) or ``"all"`` (every real token: returns ``(acts [T, L, d], rows [T])``
-    with the text index of each row). Works on transformers, TransformerLens and nnsight models; ``tok``
-    defaults to the model's own tokenizer where it has one. Texts longer than the context (or ``max_length``)
-    raise unless ``truncate=True``. Texts are batched by length, so padding costs little.
+    with the text index of each row). Works on transformers, TransformerLens and nnsight models, also split
+    across devices by accelerate; ``tok`` defaults to the model's own tokenizer where it has one. Texts longer
+    than the context (or ``max_length``) raise unless ``truncate=True``. Texts are batched by length, so
+    padding costs little. ``device``: where the result goes (the CPU by default; None keeps each batch where
+    the model computed it). Under ``torchrun`` each rank captures every W-th text and every rank returns all.
     """
     if not (position in POSITIONS or (isinstance(position, int) and not isinstance(position, bool))):
         raise ValueError(f"position={position!r}: expected one of {POSITIONS} or an int token index")
@@ -157,19 +161,25 @@ def capture(
     if tok is None:
         raise ValueError("no tokenizer: pass tok=")
     layers = arch.layer_list(layers, runner.n_layers, repeats=True)
-    ids = tokenize(tok, texts, max_length or runner.context_length, truncate)
+    rank, size = world()
+    mine = list(range(rank, len(texts), size))  # this rank's share: every W-th text
+    ids = tokenize(tok, [texts[i] for i in mine], max_length or runner.context_length, truncate) if mine else []
     side = runner.padding_side or getattr(tok, "padding_side", "right")
     unique = sorted(set(layers))
-    out: list[torch.Tensor | None] = [None] * len(texts)
+    out: list[torch.Tensor | None] = [None] * len(mine)
     batches = length_batches(ids, batch_size)
-    bar = tqdm(total=len(batches), desc="capture", disable=(not progress) if progress is not None else None)
+    bar = tqdm(
+        total=len(batches), desc="capture", disable=rank != 0 or ((not progress) if progress is not None else None)
+    )
     with torch.inference_mode(), bar:
         for index in batches:
             input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
-            device = runner.device
-            hidden = runner.run(input_ids.to(device), mask.to(device), pos.to(device), unique)
-            per_layer = [select_positions(hidden[layer], mask, position, index).float().cpu() for layer in layers]
+            at = runner.device
+            hidden = runner.run(input_ids.to(at), mask.to(at), pos.to(at), unique)
+            names = [mine[i] for i in index]  # rows in error messages are the caller's text indices
+            per_layer = [select_positions(hidden[layer], mask, position, names).float() for layer in layers]
             stacked = torch.stack(per_layer, dim=-2)  # [b, L, d] or [T, L, d]
+            stacked = stacked if device is None else stacked.to(device)
             if position == "all":
                 counts = mask.sum(-1).tolist()
                 for i, chunk in zip(index, stacked.split(counts), strict=True):
@@ -178,7 +188,21 @@ def capture(
                 for row, i in enumerate(index):
                     out[i] = stacked[row]
             bar.update()
+    if size > 1:
+        out = _gather(out, len(layers), fingerprint(model)["hidden_size"], position == "all")
     if position == "all":
         rows = torch.cat([torch.full((len(chunk),), i, dtype=torch.long) for i, chunk in enumerate(out)])
         return torch.cat(out), rows
     return torch.stack(out)
+
+
+def _gather(mine: list[torch.Tensor], n_layers: int, width: int, ragged: bool) -> list[torch.Tensor]:
+    """Every rank's per-text results, in input order (rank r held texts r, r + W, ...)."""
+    device = mine[0].device if mine else torch.device("cpu")
+    if not ragged:
+        local = torch.stack(mine) if mine else torch.empty((0, n_layers, width), device=device)
+        return interleave(all_gather(local, "gathering captured activations"))
+    lengths = torch.tensor([len(chunk) for chunk in mine], dtype=torch.long)
+    local = torch.cat(mine) if mine else torch.empty((0, n_layers, width), device=device)
+    rows, counts = all_gather(local, "gathering captured activations"), all_gather(lengths)
+    return interleave([list(r.split(c.tolist())) for r, c in zip(rows, counts, strict=True)])

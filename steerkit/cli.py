@@ -8,6 +8,8 @@ Outputs follow the library's rules: an existing output is replaced only with ``-
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +38,16 @@ ForceOpt = Annotated[
         help="Replace an existing output (never an input of the command, the working directory or home); "
         "the old output is kept until the new one is complete."
     ),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Where the model runs: cuda (default when a GPU is visible; under torchrun each rank's own GPU), "
+        "cpu, cuda:N, mps, or auto (accelerate's device_map: every GPU, then the CPU)."
+    ),
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's own dtype).")
 ]
 LAYER_SPEC = "'all', '12', '4,8,12' or '4-25' (inclusive, 0-based blocks)"
 
@@ -93,6 +105,29 @@ def _output(path: Path, force: bool, inputs=(), directory: bool = False) -> Path
     from steerkit._io import check_output
 
     return check_output(path, force=force, inputs=inputs, directory=directory)
+
+
+def _placement(device: str | None, dtype: str | None) -> tuple:
+    """The device and dtype to load with, checked before anything loads."""
+    from steerkit.distributed import local_device
+    from steerkit.models import check_device, check_dtype
+
+    if device == "auto" and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("--device auto spreads one model over every GPU; under torchrun each rank takes its own")
+    return check_device(device or local_device()), check_dtype(dtype)
+
+
+def _load(model: str, placement: tuple):
+    import steerkit as sk
+
+    device, dtype = placement
+    return sk.load_model(model, dtype=dtype, device=device)
+
+
+def is_main() -> bool:
+    from steerkit.distributed import is_main as main_rank
+
+    return main_rank()
 
 
 def _load_vector(path: Path):
@@ -162,6 +197,8 @@ def capture(
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
     truncate: Annotated[bool, typer.Option(help="Cut texts longer than the context instead of failing.")] = False,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Capture residual-stream activations (block outputs) for each text and write them to a safetensors file.
 
@@ -171,18 +208,20 @@ def capture(
     import steerkit as sk
     from steerkit._io import save_safetensors
 
+    placement = _placement(device, dtype)
     items = read_texts(texts)
     inputs = [texts, *_model_inputs(model)]
     _output(output, force, inputs)
     layer_list = _layers(layers, model)
     pos = _parse_position(position)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     result = sk.capture(
         mdl, tok, items, layer_list, position=pos, batch_size=batch_size, truncate=truncate, progress=True
     )
     tensors = {"activations": result[0], "rows": result[1]} if pos == "all" else {"activations": result}
     meta = {"model": model, "layers": json.dumps(layer_list), "position": str(pos), "n_texts": str(len(items))}
-    save_safetensors(tensors, output, meta, force=force, inputs=inputs)
+    if is_main():  # under torchrun every rank holds the gathered result; one writes it
+        save_safetensors(tensors, output, meta, force=force, inputs=inputs)
     shape = tuple(tensors["activations"].shape)
     typer.echo(f"wrote {output}: activations {shape}, layers {layers}, position {pos}")
 
@@ -206,6 +245,8 @@ def extract(
     position: Annotated[str, typer.Option(help="Token read from each text: 'last', 'mean' or an index.")] = "last",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 16,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Extract a steering vector (one direction per layer) from contrastive pairs and save it.
 
@@ -214,6 +255,7 @@ def extract(
     """
     import steerkit as sk
 
+    placement = _placement(device, dtype)
     if method not in sk.METHODS:
         raise typer.BadParameter(f"{method!r}: expected one of {list(sk.METHODS)}", param_hint="--method")
     items = sk.load_pairs(pairs)
@@ -221,9 +263,10 @@ def extract(
     _output(output, force, inputs)
     layer_list = _layers(layers, model)
     pos = _parse_position(position)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     vec = sk.extract(mdl, tok, items, layer_list, method=method, position=pos, batch_size=batch_size, progress=True)
-    vec.save(output, force=force, inputs=inputs)
+    if is_main():  # under torchrun every rank computed the same vector; one writes it
+        vec.save(output, force=force, inputs=inputs)
     typer.echo(f"{'layer':>5} {'AUROC':>6} {'norm':>8}")
     for layer in vec.layers:
         auc = vec.separation.get(layer)
@@ -246,15 +289,18 @@ def generate(
     mode: Annotated[str, typer.Option(help="add, project_out or clamp.")] = "add",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Generate greedily with and without steering and print the completions side by side."""
     import steerkit as sk
 
+    placement = _placement(device, dtype)
     vec = _load_vector(vector)
     a = _parse_alpha(alpha)
     layer_list = _layers(layers, model) if layers else None
     pos = _parse_position(positions)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     rows = sk.generate(
         mdl,
         tok,
@@ -319,6 +365,8 @@ def sweep(
     together: Annotated[bool, typer.Option(help="Steer all listed layers at once instead of one at a time.")] = False,
     n: Annotated[int, typer.Option(help="Task items.")] = 48,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Sweep alpha (and layer) and measure the first generated token, writing a CSV and a figure.
 
@@ -329,6 +377,7 @@ def sweep(
     from steerkit import plots
     from steerkit.evals import TASKS, write_csv
 
+    placement = _placement(device, dtype)
     if (task is None) == (prompts is None):
         raise typer.BadParameter("pass exactly one of --task and --prompts")
     if task is not None and task not in TASKS and not task.endswith(".jsonl"):
@@ -344,7 +393,7 @@ def sweep(
     for path in (output, figure):
         _output(path, force, inputs)
     layer_list = _layers(layers, model) if layers else None
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     rows = sk.sweep(mdl, tok, vec, source, alphas=alpha_list, layers=layer_list, together=together, n=n)
     write_csv(rows, output, force=force)
     plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=figure, force=force)
@@ -483,6 +532,8 @@ def train_sae(
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N tokens.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT.ckpt.")] = False,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Train a sparse autoencoder on a block's output, writing a directory sae-lens loads.
 
@@ -493,12 +544,13 @@ def train_sae(
     from steerkit import plots
     from steerkit.sae.train import ARCHS
 
+    placement = _placement(device, dtype)
     if arch not in ARCHS:
         raise typer.BadParameter(f"{arch!r}: expected one of {list(ARCHS)}", param_hint="--arch")
     layers = _layers(layer, model)
     text = sk.load_corpus(corpus)
     _output(output, force, [*([text.source] if text.source else []), *_model_inputs(model)], directory=True)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     result = sk.train_sae(
         mdl, tok, text, layers if len(layers) > 1 else layers[0], arch=arch, d_sae=d_sae, k=k, tokens=tokens,
         ctx_len=ctx_len, batch_size=batch_size, lr=lr, out=output, checkpoint_every=checkpoint_every,
@@ -507,7 +559,8 @@ def train_sae(
     saes = result if isinstance(result, dict) else {layers[0]: result}
     for value, sae in saes.items():
         folder = output if len(saes) == 1 else output / f"layer_{value}"
-        plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=folder / "training_curves.png")
+        if is_main():
+            plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=folder / "training_curves.png")
         last = sae.training_log[-1]
         typer.echo(
             f"layer {value}: explained variance {last['explained_variance']:.3f}, L0 {last['l0']:.1f}, "
@@ -524,6 +577,8 @@ def eval_sae(
     tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON file for the metrics.")] = None,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Evaluate an SAE on held-out text: explained variance, MSE, L0, dead / dense latents, CE loss recovered
     and KL score when spliced in (against zero-ablating the block). Draws the latent-frequency histogram
@@ -532,6 +587,7 @@ def eval_sae(
     from steerkit import plots
     from steerkit._io import write_text
 
+    placement = _placement(device, dtype)
     loaded = sk.load_sae(sae)
     _layers(str(layer), model)
     text = sk.load_corpus(corpus)
@@ -539,7 +595,7 @@ def eval_sae(
     if output is not None:
         for path in (output, output.with_suffix(".png")):
             _output(path, force, inputs)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     metrics = sk.evaluate_sae(mdl, tok, loaded, layer, text, tokens=tokens)
     frequency = metrics.pop("latent_frequency")
     for key, value in metrics.items():
@@ -570,6 +626,8 @@ def sae_tune(
     rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 4 x rank, as Resa's 32 / 128).")] = 32,
     merge: Annotated[bool, typer.Option(help="Merge the LoRA and write a full checkpoint instead.")] = False,
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """SAE-tuning: LoRA-tune the model with a frozen SAE spliced in at LAYER, then drop the SAE.
 
@@ -578,12 +636,13 @@ def sae_tune(
     """
     import steerkit as sk
 
+    placement = _placement(device, dtype)
     rows = read_jsonl(data)
     examples = [row["text"] if set(row) == {"text"} else row for row in rows]
     loaded = sk.load_sae(sae)
     _layers(str(layer), model)
     _output(output, force, [sae, data, *_model_inputs(model)], directory=True)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     tuned = sk.sae_tune(
         mdl, tok, loaded, layer, examples, lora={"r": rank, "lora_alpha": 4 * rank}, loss=loss,
         grad_through_sae=grad_through_sae, epochs=epochs, lr=lr, batch_size=batch_size, out=output, merge=merge,
@@ -599,16 +658,19 @@ def attach_adapter(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
     model: ModelArg = "smollm2-135m-instruct",
     force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Put an SAE-tuning adapter onto another model of the same family and write the merged checkpoint."""
     import steerkit as sk
     from steerkit.sae.tune import save_checkpoint
 
+    placement = _placement(device, dtype)
     if not adapter.is_dir():
         raise FileNotFoundError(f"no adapter directory at {adapter}")
     inputs = [adapter, *_model_inputs(model)]
     _output(output, force, inputs, directory=True)
-    mdl, tok = sk.load_model(model)
+    mdl, tok = _load(model, placement)
     save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force, inputs=inputs)
     typer.echo(f"wrote {output}")
 
@@ -649,6 +711,8 @@ def main(argv: list[str] | None = None) -> None:
     from steerkit._io import Terminated
 
     warnings.showwarning = _show_warning
+    if os.environ.get("WORLD_SIZE", "1") != "1" and not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  under torchrun rank 0 alone prints results
     try:
         code = app(args=argv, prog_name="steerkit", standalone_mode=False)
     except typer.TyperException as err:  # usage errors, bad parameters (typer's own click)

@@ -50,6 +50,17 @@ def block_dtype(model: nn.Module, layer: int) -> torch.dtype:
     return next(params, torch.empty(0)).dtype
 
 
+def block_device(model: nn.Module, layer: int) -> torch.device:
+    """Where block ``layer`` computes: its parameters' device, or the model's input device when accelerate has
+    offloaded the block (its parameters then sit on the meta device until the forward)."""
+    inner = hf_model(model)
+    blocks = arch.get_blocks(inner) if inner is not None else model.blocks
+    for param in blocks[layer].parameters():
+        if param.device.type != "meta":
+            return param.device
+    return arch.input_device(inner if inner is not None else model)
+
+
 # --- positions -------------------------------------------------------------------------------------------
 
 

@@ -146,6 +146,35 @@ def load_config(name_or_path: str | os.PathLike):
     return AutoConfig.from_pretrained(resolve(name_or_path))
 
 
+def check_device(device):
+    """``device`` as a torch.device (``None`` and ``"auto"`` pass through), or a ValueError when it is not here."""
+    if device is None or device == "auto":
+        return device
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N, mps or auto") from None
+    if found.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is visible on this machine; use cpu")
+        if found.index is not None and found.index >= count:
+            raise ValueError(f"device={device!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    if found.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available on this machine")
+    return found
+
+
+def check_dtype(dtype):
+    """``dtype`` as a floating torch.dtype (a name such as ``"bfloat16"`` or a dtype; None passes through)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    named = getattr(torch, str(dtype), None)
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32, bfloat16 or float16")
+    return named
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -155,26 +184,20 @@ def load_model(
     """Load ``(model, tokenizer)``: an embedded name, a local checkpoint directory, or a hub id.
 
     ``dtype`` defaults to the checkpoint's own (float32 for embedded models); ``device`` may be a device
-    or ``"auto"`` (accelerate's device_map). Weights load from safetensors only; ``trust_remote_code`` is
-    passed only if you pass it. The model is put in eval mode; a tokenizer without a pad token gets its EOS
-    token as pad.
+    (checked to exist here) or ``"auto"`` (accelerate's device_map over every GPU, then the CPU). Weights load
+    from safetensors only; ``trust_remote_code`` is passed only if you pass it. The model is put in eval mode;
+    a tokenizer without a pad token gets its EOS token as pad.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = str(name_or_path)
+    dtype, device = check_dtype(dtype), check_device(device)
     source = resolve(name_or_path)
-    if isinstance(dtype, str):
-        named = getattr(torch, dtype, None)
-        if not isinstance(named, torch.dtype) or not named.is_floating_point:
-            raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32, bfloat16 or float16")
-        dtype = named
     load_kwargs = {"use_safetensors": True, **kwargs}
     load_kwargs["dtype"] = dtype if dtype is not None else "auto"
-    if device == "auto":
-        load_kwargs["device_map"] = "auto"
+    if device is not None:  # loaded straight onto the device (or spread by accelerate for "auto")
+        load_kwargs["device_map"] = device if device == "auto" else str(device)
     model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-    if device is not None and device != "auto":
-        model = model.to(device)
     model.eval()
     if key in EMBEDDED:
         model.config._name_or_path = key  # the fingerprint names the model, not the cache path

@@ -136,7 +136,7 @@ def _render(tok, prompt: str, chat: bool) -> str:
 def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
     """Completions of rendered prompts, left-padded batches (pad_batch: works without a pad token too)."""
     out = []
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     ids = tok(prompts, add_special_tokens=False)["input_ids"]
     for start in range(0, len(prompts), batch_size):
         input_ids, mask, _ = pad_batch(ids[start : start + batch_size], pad_id(tok), "left")

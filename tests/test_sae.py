@@ -115,8 +115,8 @@ class _Failing(Corpus):
         super().__init__("failing", base._documents, base.fingerprint)
         self.after = after
 
-    def sequences(self, tok, ctx_len=128, split="train", skip=0):
-        for n, seq in enumerate(super().sequences(tok, ctx_len, split, skip)):
+    def sequences(self, tok, ctx_len=128, split="train", skip=0, shard=(0, 1)):
+        for n, seq in enumerate(super().sequences(tok, ctx_len, split, skip, shard)):
             if skip + n >= self.after:
                 raise RuntimeError("simulated crash")
             yield seq

@@ -252,7 +252,7 @@ def test_resume_restores_the_optimizer_state(tmp_path, tok, default_corpus):
     for step in range(3):
         runs[1].step(x, step, 10, 1e-3, 10_000)
     generator = torch.Generator().manual_seed(3)
-    _save_checkpoint(tmp_path / "c", runs, {"step": 3, "config": {}}, generator)
+    _save_checkpoint(tmp_path / "c", runs, {"step": 3, "config": {}}, [generator.get_state()])
     fresh = {1: _new_run("topk", 1, 32, 64, {"k": 4}, 1e-3, {})}
     other = torch.Generator().manual_seed(99)
     _load_checkpoint(tmp_path / "c", fresh, {}, other)

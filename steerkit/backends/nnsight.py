@@ -36,7 +36,7 @@ class NNsightRunner:
 
     @property
     def device(self) -> torch.device:
-        return self.model._module.get_input_embeddings().weight.device
+        return arch.input_device(self.model._module)
 
     def run(self, input_ids, attention_mask, position_ids, layers) -> dict[int, torch.Tensor]:
         order = sorted(layers)  # nnsight requires modules to be visited in execution order

@@ -65,11 +65,16 @@ class Corpus:
             if isinstance(text, str) and text.strip() and is_heldout(text) == want:
                 yield text
 
-    def sequences(self, tok, ctx_len: int = 128, split: str = "train", skip: int = 0) -> Iterator[torch.Tensor]:
+    def sequences(
+        self, tok, ctx_len: int = 128, split: str = "train", skip: int = 0, shard: tuple[int, int] = (0, 1)
+    ) -> Iterator[torch.Tensor]:
         """Packed token sequences ``[ctx_len]`` (int64) of ``split``; ``skip`` drops the first ones (resume).
 
-        Raises ValueError if the split holds no text at all, so an empty file fails at once.
+        ``shard=(rank, world)`` keeps sequences ``rank, rank + world, ...``: disjoint shares for data-parallel
+        ranks (``skip`` counts sequences of the whole stream). Raises ValueError if the split holds no text at
+        all, so an empty file fails at once.
         """
+        rank, size = shard
         if not isinstance(ctx_len, int) or ctx_len < 2:
             raise ValueError(f"ctx_len={ctx_len!r}: expected an int >= 2")
         sep = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
@@ -83,7 +88,7 @@ class Corpus:
                 buffer.append(sep)
             while len(buffer) >= ctx_len:
                 chunk, buffer = buffer[:ctx_len], buffer[ctx_len:]
-                if produced >= skip:
+                if produced >= skip and produced % size == rank:
                     yield torch.tensor(chunk, dtype=torch.long)
                 produced += 1
         if not any_text:
@@ -92,11 +97,17 @@ class Corpus:
             raise ValueError(f"corpus {self.name!r} ({split}) holds fewer than {ctx_len} tokens")
 
     def batches(
-        self, tok, ctx_len: int = 128, batch_size: int = 32, split: str = "train", skip: int = 0
+        self,
+        tok,
+        ctx_len: int = 128,
+        batch_size: int = 32,
+        split: str = "train",
+        skip: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[torch.Tensor]:
         """Packed sequences stacked ``[batch_size, ctx_len]``; the last batch may be smaller."""
         rows: list[torch.Tensor] = []
-        for seq in self.sequences(tok, ctx_len, split, skip):
+        for seq in self.sequences(tok, ctx_len, split, skip, shard):
             rows.append(seq)
             if len(rows) == batch_size:
                 yield torch.stack(rows)

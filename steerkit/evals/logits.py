@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from steerkit.arch import input_device
 from steerkit.batching import length_batches, pad_batch, pad_id, tokenize
 
 
@@ -21,7 +22,7 @@ def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 16
         raise ValueError("prompts is empty")
     ids = tokenize(tok, prompts, None, False, add_special_tokens=False)
     out: list[torch.Tensor | None] = [None] * len(prompts)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     side = getattr(tok, "padding_side", "right")
     with torch.inference_mode():
         for index in length_batches(ids, batch_size):

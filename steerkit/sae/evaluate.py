@@ -18,7 +18,7 @@ from steerkit import arch
 from steerkit.backends import fingerprint
 from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus
-from steerkit.sae.io import check_sae, load_sae, recorded_max_norm
+from steerkit.sae.io import check_sae, load_sae, on_device, recorded_max_norm
 from steerkit.sae.splice import replace_output, splice
 
 DENSE_ABOVE = 0.1  # a latent firing on more than 10% of tokens counts as dense
@@ -57,7 +57,7 @@ def evaluate_sae(
     check_sae(sae, model)
     layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
     ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     sums = {"sq_err": 0.0, "sq": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
     sums.update(kl_sae=0.0, kl_zero=0.0)
@@ -72,6 +72,7 @@ def evaluate_sae(
         with Recorder(model, [layer]) as rec:
             clean = model(input_ids=ids, use_cache=False).logits[:, 1:-1]
         x = rec[layer][:, 1:].reshape(-1, sae.cfg.d_in).float()
+        sae = on_device(sae, x.device)  # moved once, on the first batch, when the block computes elsewhere
         inlier = x.norm(dim=-1) <= (max_norm or float("inf"))
         outliers += int((~inlier).sum())
         x = x[inlier]
@@ -79,7 +80,7 @@ def evaluate_sae(
         recon = sae.decode(acts).float()
         sums["sq_err"] += float((recon - x).pow(2).sum())
         sums["sq"] += float(x.double().pow(2).sum())
-        x_sum += x.double().sum(0)
+        x_sum += x.double().sum(0).cpu()
         active = acts > 0
         sums["l0"] += float(active.sum())
         fires += active.sum(0).cpu()
@@ -147,7 +148,7 @@ def top_activations(
     if bad:
         raise ValueError(f"latents {bad} out of range: the SAE has {sae.cfg.d_sae}")
     ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     index = torch.tensor(latents)
     rows, values = [], []
     for batch in corpus.batches(tok, ctx_len, batch_size, "heldout"):
@@ -155,7 +156,9 @@ def top_activations(
             break
         with Recorder(model, [layer], stop=True) as rec:
             model(input_ids=batch.to(device), use_cache=False)
-        acts = sae.encode(rec[layer][:, 1:].to(sae.dtype)).float().cpu()[..., index]  # [b, s-1, n]
+        h = rec[layer][:, 1:]
+        sae = on_device(sae, h.device)
+        acts = sae.encode(h.to(sae.dtype)).float().cpu()[..., index]  # [b, s-1, n]
         rows.append(batch)
         values.append(acts)
     if not rows:

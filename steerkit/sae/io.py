@@ -49,6 +49,18 @@ def check_max_norm(value, name: str = "max_norm") -> float:
     return float(value)
 
 
+def on_device(sae, device):
+    """``sae`` on ``device``: itself when it is there already, else a moved copy (the caller's SAE stays put).
+
+    steerkit runs an SAE where the activations are; its parameters keep their dtype and inputs are cast to it.
+    """
+    import copy
+
+    import torch
+
+    return sae if sae.device == torch.device(device) else copy.deepcopy(sae).to(device)
+
+
 def check_sae(sae, model: nn.Module) -> None:
     """Raise ValueError unless the SAE's ``d_in`` equals the model's residual width."""
     width = fingerprint(model)["hidden_size"]

@@ -19,7 +19,7 @@ from torch import nn
 from steerkit import arch
 from steerkit.backends import fingerprint
 from steerkit.hooks import intervene
-from steerkit.sae.io import check_max_norm, check_sae, load_sae, recorded_max_norm
+from steerkit.sae.io import check_max_norm, check_sae, load_sae, on_device, recorded_max_norm
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,8 @@ def splice(
 ) -> contextlib.AbstractContextManager[nn.Module]:
     """Replace block ``layer``'s output by ``sae``'s reconstruction inside the ``with`` block.
 
-    ``sae``: a ``sae_lens.SAE`` or a directory sae-lens can load. ``grad_through_sae=False`` runs the SAE
+    ``sae``: a ``sae_lens.SAE`` or a directory sae-lens can load; it runs on the block's device (a moved copy if
+    it is elsewhere), in its own dtype. ``grad_through_sae=False`` runs the SAE
     under ``no_grad`` (Resa's released code: nothing at or below the layer then gets a gradient).
     Tokens whose norm exceeds ``max_norm`` (default: the outlier norm ``train_sae`` recorded, if any)
     keep their activation; pass ``float("inf")`` to replace them too.
@@ -73,10 +74,14 @@ def splice(
     sae = load_sae(sae)
     check_sae(sae, model)
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+    placed: dict = {}  # device -> the SAE there (moved once per context)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        here = placed.get(h.device)
+        if here is None:
+            here = placed[h.device] = on_device(sae, h.device)
         with torch.set_grad_enabled(grad_through_sae and torch.is_grad_enabled()):
-            new = reconstruct(sae, h)
+            new = reconstruct(here, h)
         return new + (h - new).detach() if error_term else new
 
     return replace_output(model, layer, fn, skip_first, max_norm)

@@ -24,11 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steerkit._io import atomic_path, check_output, remove_created
-from steerkit.arch import hidden_size, layer_list, num_layers
+from steerkit.arch import hidden_size, input_device, layer_list, num_layers
 from steerkit.backends import fingerprint
 from steerkit.backends.tlens import hook_name
 from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus
+from steerkit.distributed import all_gather, all_reduce, barrier, broadcast, world
+from steerkit.hooks import block_device
 from steerkit.sae.io import load_sae
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
@@ -113,7 +115,7 @@ class ShuffleBuffer:
 
 def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """``{layer: [b * (s - 1), d]}`` float32 outputs of ``layers`` on packed ``batch`` (first position dropped)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     with torch.no_grad(), Recorder(model, layers, stop=True) as rec:
         model(input_ids=batch.to(device), use_cache=False)
     out = {}
@@ -144,7 +146,7 @@ class _Run:
         from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
 
         if self.since_fired is None:
-            self.since_fired = torch.zeros(self.sae.cfg.d_sae)
+            self.since_fired = torch.zeros(self.sae.cfg.d_sae, device=x.device)
         for group in self.optimizer.param_groups:  # constant, then linear decay over the last 20%
             group["lr"] = lr * min(1.0, (total_steps - step) / max(1, total_steps // 5))
         coefficients = {}
@@ -164,19 +166,21 @@ class _Run:
                 is_logging_step=False,
             )
         )
-        if not torch.isfinite(out.loss):
-            raise ValueError(
-                f"the layer-{self.layer} SAE's loss is {float(out.loss)} at step {step + 1}: training diverged "
-                f"(lr={self.optimizer.param_groups[0]['lr']:g}); nothing was written"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        loss = _average_gradients(list(self.sae.parameters()), out.loss.detach())
+        if not torch.isfinite(loss):  # every rank sees the same averaged loss, so all stop together
+            raise ValueError(
+                f"the layer-{self.layer} SAE's loss is {float(loss)} at step {step + 1}: training diverged "
+                f"(lr={self.optimizer.param_groups[0]['lr']:g}); nothing was written"
+            )
         nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.optimizer.step()
         with torch.no_grad():
             active = out.feature_acts.detach() > 0
-            self.since_fired += x.shape[0]
-            self.since_fired[active.any(0)] = 0
+            fired = all_reduce(active.any(0).to(torch.uint8), "max", "counting live latents").bool()
+            self.since_fired += x.shape[0] * world()[1]
+            self.since_fired[fired] = 0
             residual = (out.sae_out - x).pow(2).sum()
             total = (x - x.mean(0)).pow(2).sum()
             return {
@@ -189,11 +193,43 @@ class _Run:
             }
 
 
-def _new_run(arch_name: str, layer: int, d_in: int, d_sae: int, options: dict, lr: float, meta: dict) -> _Run:
+def _average_gradients(params: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """Average the SAE's gradients and its loss over data-parallel ranks in one all-reduce (alone: the loss)."""
+    size = world()[1]
+    if size == 1:
+        return loss
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
+    all_reduce(flat, "sum", "averaging SAE gradients").div_(size)
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+    return flat[-1]
+
+
+def _mean_over_ranks(log: dict) -> dict:
+    """A step's logged metrics averaged over ranks (the same dict alone)."""
+    if world()[1] == 1:
+        return log
+    keys = [k for k in log if k != "step"]
+    values = all_reduce(torch.tensor([float(log[k]) for k in keys], dtype=torch.float64), "sum", "logging")
+    return {**log, **{k: float(v) / world()[1] for k, v in zip(keys, values, strict=True)}}
+
+
+def _all_have(flag: bool) -> bool:
+    """True only when every rank has ``flag`` (so all ranks stop at the same step)."""
+    return bool(all_reduce(torch.tensor([int(flag)]), "min", "checking every rank has data"))
+
+
+def _new_run(
+    arch_name: str, layer: int, d_in: int, d_sae: int, options: dict, lr: float, meta: dict, device="cpu"
+) -> _Run:
     from sae_lens.saes.sae import SAEMetadata
 
     sae_cls, cfg_cls = _classes(arch_name)
-    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(**meta, hook_name=hook_name(layer)), **options)
+    metadata = SAEMetadata(**meta, hook_name=hook_name(layer))
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=metadata, device=str(device), **options)
     sae = sae_cls(cfg)
     return _Run(layer, sae, torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999)))
 
@@ -201,7 +237,7 @@ def _new_run(arch_name: str, layer: int, d_in: int, d_sae: int, options: dict, l
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, generator: torch.Generator) -> None:
+def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, rng_states: list[torch.Tensor]) -> None:
     """Weights, Adam moments, firing counters and the shuffle RNG in safetensors; the rest in JSON (no pickle)."""
     from safetensors.torch import save_file
 
@@ -209,25 +245,24 @@ def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, generator: 
         tmp.mkdir()
         trainers = {}
         for layer, run in runs.items():
-            save_file(
-                {k: v.contiguous() for k, v in run.sae.state_dict().items()}, str(tmp / f"sae_{layer}.safetensors")
-            )
+            weights = {k: v.contiguous().cpu() for k, v in run.sae.state_dict().items()}
+            save_file(weights, str(tmp / f"sae_{layer}.safetensors"))
             optim = run.optimizer.state_dict()
             tensors = {f"adam.{i}.{key}": value for i, slot in optim["state"].items() for key, value in slot.items()}
             tensors["since_fired"] = run.since_fired
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"trainer_{layer}.safetensors"))
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"trainer_{layer}.safetensors"))
             trainers[layer] = {
                 "param_groups": optim["param_groups"],
                 "scale": run.scale,
                 "max_norm": run.max_norm,
                 "history": run.history,
             }
-        save_file({"shuffle": generator.get_state()}, str(tmp / "rng.safetensors"))
+        save_file({f"shuffle.{rank}": rng for rank, rng in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "trainers": trainers}, indent=1))
 
 
 def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator: torch.Generator) -> dict:
-    """Restore what ``_save_checkpoint`` wrote into ``runs`` and ``generator``; returns the saved state."""
+    """Restore what ``_save_checkpoint`` wrote into ``runs`` and this rank's ``generator``; returns the state."""
     from safetensors.torch import load_file
 
     try:
@@ -237,6 +272,12 @@ def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator:
         raise ValueError(f"{path / 'state.json'} is not a steerkit SAE checkpoint ({err})") from None
     if differs:
         raise ValueError(f"checkpoint {path} was made with other settings (saved, now): {differs}")
+    rank, size = world()
+    if state.get("world_size", 1) != size:
+        raise ValueError(
+            f"checkpoint {path} was made by {state.get('world_size', 1)} rank(s); resume it with the same number "
+            f"(torchrun --nproc_per_node {state.get('world_size', 1)}), not {size}"
+        )
     for layer, run in runs.items():
         run.sae.load_state_dict(load_file(str(path / f"sae_{layer}.safetensors")))
         tensors = load_file(str(path / f"trainer_{layer}.safetensors"))
@@ -247,9 +288,10 @@ def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator:
                 index, name = key.removeprefix("adam.").split(".", 1)
                 slots.setdefault(int(index), {})[name] = value
         run.optimizer.load_state_dict({"state": slots, "param_groups": saved["param_groups"]})
-        run.since_fired, run.scale, run.history = tensors["since_fired"], saved["scale"], saved["history"]
+        run.since_fired = tensors["since_fired"].to(run.sae.device)
+        run.scale, run.history = saved["scale"], saved["history"]
         run.max_norm = saved["max_norm"]
-    generator.set_state(load_file(str(path / "rng.safetensors"))["shuffle"])
+    generator.set_state(load_file(str(path / "rng.safetensors"))[f"shuffle.{rank}"])
     return state
 
 
@@ -321,6 +363,12 @@ def train_sae(
             f"{ckpt} holds an earlier run's checkpoint: pass resume=True to continue it, or force=True"
         )
 
+    rank, size = world()
+    if batch_size % size:
+        raise ValueError(
+            f"batch_size={batch_size} does not split evenly over {size} ranks: use a multiple of {size} "
+            "(each rank takes batch_size / world size activations a step)"
+        )
     lr = 2e-4 * math.sqrt(16384 / d_sae) if lr is None else lr
     total_steps = tokens // batch_size
     if total_steps < 1:
@@ -338,41 +386,44 @@ def train_sae(
     runs = {}
     for value in layers:
         meta["steerkit"] = {**meta["steerkit"], "layer_index": value}
-        runs[value] = _new_run(arch, value, d_in, d_sae, options, lr, {**meta, "steerkit": dict(meta["steerkit"])})
+        info = {**meta, "steerkit": dict(meta["steerkit"])}
+        runs[value] = _new_run(arch, value, d_in, d_sae, options, lr, info, block_device(model, value))
     settings = {"arch": arch, "layers": layers, "d_sae": d_sae, "k": k, "ctx_len": ctx_len, "batch_size": batch_size}
-    step, sequences_read = 0, 0
-    counts = {"excluded": 0, "seen": 0}  # outlier tokens left out of training
-    generator = torch.Generator().manual_seed(seed)
+    step, consumed = 0, 0  # consumed: this rank's sequences (every W-th of the corpus, from the rank-th)
+    counts = {"excluded": 0, "seen": 0}  # outlier tokens left out of training (this rank)
+    generator = torch.Generator().manual_seed(seed + rank)
     if resume:
         state = _load_checkpoint(ckpt, runs, settings, generator)
-        step, sequences_read = state["step"], state["sequences_read"]
-        counts.update(state["counts"])
-    buffer = ShuffleBuffer(max(min(buffer_tokens, tokens), 2 * batch_size), batch_size, generator)
-    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress)
+        step, consumed = state["step"], state["consumed"][rank]
+        counts.update(state["counts"][rank])
+    local_batch = batch_size // size
+    buffer = ShuffleBuffer(max(min(buffer_tokens, tokens) // size, 2 * local_batch), local_batch, generator)
+    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress or rank != 0)
     bar.set_description(f"SAE {arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
     log_every = max(1, total_steps // 100)
     next_ckpt = step * batch_size + checkpoint_every if checkpoint_every else None
 
     def batches() -> Iterator[dict[int, torch.Tensor]]:
-        nonlocal sequences_read
-        for chunk in corpus.batches(tok, ctx_len, model_batch, "train", skip=sequences_read):
-            sequences_read += chunk.shape[0]
+        nonlocal consumed
+        skip = rank + consumed * size
+        for chunk in corpus.batches(tok, ctx_len, model_batch, "train", skip=skip, shard=(rank, size)):
+            consumed += chunk.shape[0]
             acts = block_activations(model, chunk, layers)
             for run in runs.values():
-                if run.scale is None:  # first batch: outlier norm, mean norm → √d_in, decoder bias at the mean
-                    norms = acts[run.layer].norm(dim=-1)
-                    run.max_norm = OUTLIER_FACTOR * float(norms.median())
-                    inliers = acts[run.layer][norms <= run.max_norm]
-                    run.scale = math.sqrt(d_in) / float(inliers.norm(dim=-1).mean())
-                    run.sae.b_dec.data = (inliers.mean(0) * run.scale).to(run.sae.b_dec.dtype)
+                if run.scale is None:
+                    _first_batch(run, acts[run.layer], d_in)
             keep = torch.stack([acts[v].norm(dim=-1) <= runs[v].max_norm for v in layers]).all(0)
             counts["excluded"] += int((~keep).sum())
             counts["seen"] += keep.numel()
             yield from buffer.add({v: x[keep] for v, x in acts.items()})
         yield from buffer.drain()
 
+    source = batches()
     try:
-        for acts in batches():
+        while step < total_steps:
+            acts = next(source, None)
+            if not _all_have(acts is not None):  # a rank ran out of text: every rank stops here
+                break
             with torch.autocast(acts[layers[0]].device.type, dtype=torch.bfloat16, enabled=autocast):
                 logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
             step += 1
@@ -383,13 +434,10 @@ def train_sae(
             )
             if step % log_every == 0 or step == total_steps:
                 for value, log in logs.items():
-                    runs[value].history.append({**log, "tokens": step * batch_size})
+                    runs[value].history.append({**_mean_over_ranks(log), "tokens": step * batch_size})
             if next_ckpt is not None and step * batch_size >= next_ckpt and step < total_steps:
-                state = {"step": step, "sequences_read": sequences_read, "config": settings, "counts": counts}
-                _save_checkpoint(ckpt, runs, state, generator)
+                _checkpoint(ckpt, runs, step, consumed, counts, settings, generator)
                 next_ckpt += checkpoint_every
-            if step == total_steps:  # stop before the buffer asks the model for more
-                break
     finally:
         bar.close()
     if step < total_steps:
@@ -398,18 +446,50 @@ def train_sae(
             "pass a larger corpus or fewer tokens"
         )
     trained = step * batch_size
+    totals = all_reduce(torch.tensor([counts["excluded"], counts["seen"]]), "sum", "counting outliers").tolist()
+    counts = {"excluded": totals[0], "seen": totals[1]}
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:
             _write(runs, trained, Path(tmp), single, counts)
             result = _read(runs, Path(tmp), single)
-    else:
+        return result[layers[0]] if single else result
+    if rank == 0:  # one writer; the other ranks read what it wrote
         with atomic_path(out, force=force, directory=True) as tmp:
             tmp.mkdir()
             _write(runs, trained, tmp, single, counts)
-        result = _read(runs, out, single)
         if (ckpt / "state.json").is_file():  # this run's checkpoint (or the one it resumed): done with
             remove_created(ckpt)
+    barrier("waiting for rank 0 to write the SAE")
+    result = _read(runs, out, single)
     return result[layers[0]] if single else result
+
+
+def _first_batch(run: _Run, acts: torch.Tensor, d_in: int) -> None:
+    """Outlier norm, mean norm → √d_in scale and decoder bias at the mean, from the first batch (rank 0's, for
+    every rank, so data-parallel SAEs start identical)."""
+    norms = acts.norm(dim=-1)
+    max_norm = OUTLIER_FACTOR * float(norms.median())
+    inliers = acts[norms <= max_norm]
+    stats = broadcast(torch.tensor([max_norm, math.sqrt(d_in) / float(inliers.norm(dim=-1).mean())]))
+    run.max_norm, run.scale = float(stats[0]), float(stats[1])
+    run.sae.b_dec.data = broadcast((inliers.mean(0) * run.scale).to(run.sae.b_dec.dtype))
+
+
+def _checkpoint(ckpt: Path, runs: dict, step: int, consumed: int, counts: dict, settings: dict, generator) -> None:
+    """Every rank's data position, counters and shuffle RNG, written by rank 0."""
+    positions = [int(x) for x in all_gather(torch.tensor([consumed]), "checkpointing")]
+    tallies = [t.tolist() for t in all_gather(torch.tensor([[counts["excluded"], counts["seen"]]]), "checkpointing")]
+    rngs = [r[0] for r in all_gather(generator.get_state().unsqueeze(0), "checkpointing")]
+    if world()[0] == 0:
+        state = {
+            "step": step,
+            "consumed": positions,
+            "counts": [{"excluded": t[0][0], "seen": t[0][1]} for t in tallies],
+            "world_size": len(positions),
+            "config": settings,
+        }
+        _save_checkpoint(ckpt, runs, state, rngs)
+    barrier("waiting for rank 0 to write a checkpoint")
 
 
 def _write(runs: dict[int, _Run], trained: int, root: Path, single: bool, counts: dict) -> None:
@@ -431,7 +511,7 @@ def _write(runs: dict[int, _Run], trained: int, root: Path, single: bool, counts
 def _read(runs: dict[int, _Run], root: Path, single: bool) -> dict:
     result = {}
     for value, run in runs.items():
-        sae = load_sae(root if single else root / f"layer_{value}")
+        sae = load_sae(root if single else root / f"layer_{value}", device=str(run.sae.device))
         sae.training_log = run.history
         result[value] = sae
     return result

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steerkit._io import atomic_path, check_output, confined
+from steerkit.arch import input_device
 from steerkit.backends import fingerprint
 from steerkit.batching import pad_batch, pad_id
 from steerkit.sae.io import check_sae, load_sae
@@ -126,7 +127,7 @@ def sae_tune(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    device = base.get_input_embeddings().weight.device
+    device = input_device(base)
     order = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(examples) / batch_size)
     history = []
