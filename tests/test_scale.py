@@ -220,3 +220,14 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tmp_path):
     assert procs[0].returncode != 0 and "lost the other ranks" in outputs[0][1]
     assert time.monotonic() - start < 120
     assert not (tmp_path / "sae").exists() and not [p for p in tmp_path.iterdir() if "steerkit-tmp" in p.name]
+
+
+def test_the_prepared_gpu_check_runs_on_the_cpu():
+    """scripts/gpu_check.py is what a lent GPU runs; its small mode runs here so it cannot rot."""
+    script = ROOT / "scripts" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and " ok " in line]
+    checks = {row.split("|")[1].strip() for row in rows}
+    assert checks == {"capture", "extract", "steer", "train_sae", "evaluate_sae", "splice", "sae_tune", "bake + reload"}

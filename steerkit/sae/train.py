@@ -33,23 +33,16 @@ from steerkit.distributed import all_gather, all_reduce, barrier, broadcast, wor
 from steerkit.hooks import block_device
 from steerkit.sae.io import load_sae
 
-ARCHS = ("topk", "batchtopk", "jumprelu", "standard")
+ARCHS = ("topk", "batchtopk", "jumprelu", "standard")  # sae-lens architectures steerkit has defaults for
 OUTLIER_FACTOR = 5.0  # a token whose norm exceeds 5× the median is an outlier (attention sink)
 
 
 def _classes(name: str):
-    """sae-lens' (TrainingSAE, TrainingSAEConfig) for an architecture name."""
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    """sae-lens' (TrainingSAE, TrainingSAEConfig) for an architecture name, from its own training registry."""
+    import sae_lens  # noqa: F401  (importing it registers the built-in architectures)
+    from sae_lens.registry import get_sae_training_class
 
-    return {
-        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
-        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
-        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
-        "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
-    }[name]
+    return get_sae_training_class(name)
 
 
 def _arch_options(name: str, k: float, steps: int) -> dict:
@@ -72,16 +65,16 @@ def _arch_options(name: str, k: float, steps: int) -> dict:
 
 
 class ShuffleBuffer:
-    """Mixes activations from many sequences: fill to capacity, shuffle, hand out half, keep half."""
+    """Mixes activations from many sequences: fill to capacity, shuffle, hand out half, keep half. Once what it
+    holds covers what training still needs, it hands out exactly that, so no activation is computed in vain."""
 
     def __init__(self, capacity: int, batch_size: int, generator: torch.Generator):
         self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
-        self.rows: list[dict[int, torch.Tensor]] = []
         self.store: dict[int, torch.Tensor] | None = None
         self.size = 0
 
-    def add(self, acts: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
-        """Add ``{layer: [n, d]}`` rows; yield batches once the buffer is full."""
+    def add(self, acts: dict[int, torch.Tensor], remaining: int) -> Iterator[dict[int, torch.Tensor]]:
+        """Add ``{layer: [n, d]}`` rows; yield batches once the buffer is full, or holds the ``remaining`` tokens."""
         if self.store is None:
             self.store = {layer: x.new_empty(self.capacity, x.shape[1]) for layer, x in acts.items()}
         n = next(iter(acts.values())).shape[0]
@@ -92,25 +85,30 @@ class ShuffleBuffer:
                 self.store[layer][self.size : self.size + take] = x[start : start + take]
             self.size += take
             start += take
+            if self.size >= remaining:  # the last batches: everything still needed is here
+                yield from self._emit(remaining)
+                return
             if self.size == self.capacity:
-                yield from self._emit(self.capacity // 2)
+                remaining -= yield from self._emit(self.capacity // 2)
 
     def drain(self) -> Iterator[dict[int, torch.Tensor]]:
         """Yield what is left, shuffled, in full batches (a last partial batch is dropped)."""
         yield from self._emit(self.size)
 
     def _emit(self, count: int) -> Iterator[dict[int, torch.Tensor]]:
+        """Shuffle, then yield ``count`` rows (whole batches) and keep the rest; returns the rows yielded."""
         assert self.store is not None
-        perm = torch.randperm(self.size, generator=self.generator)
+        perm = torch.randperm(self.size, generator=self.generator).to(next(iter(self.store.values())).device)
         for layer in self.store:
             self.store[layer][: self.size] = self.store[layer][perm]
-        usable = count - count % self.batch_size
+        usable = min(count, self.size) // self.batch_size * self.batch_size
         for start in range(0, usable, self.batch_size):
             yield {layer: x[start : start + self.batch_size].clone() for layer, x in self.store.items()}
         keep = self.size - usable
         for layer in self.store:
             self.store[layer][:keep] = self.store[layer][usable : self.size].clone()
         self.size = keep
+        return usable
 
 
 def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -415,7 +413,7 @@ def train_sae(
             keep = torch.stack([acts[v].norm(dim=-1) <= runs[v].max_norm for v in layers]).all(0)
             counts["excluded"] += int((~keep).sum())
             counts["seen"] += keep.numel()
-            yield from buffer.add({v: x[keep] for v, x in acts.items()})
+            yield from buffer.add({v: x[keep] for v, x in acts.items()}, (total_steps - step) * local_batch)
         yield from buffer.drain()
 
     source = batches()
