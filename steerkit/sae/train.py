@@ -114,7 +114,7 @@ class ShuffleBuffer:
 def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """``{layer: [b * (s - 1), d]}`` float32 outputs of ``layers`` on packed ``batch`` (first position dropped)."""
     device = input_device(model)
-    with torch.no_grad(), Recorder(model, layers, stop=True) as rec:
+    with torch.inference_mode(), Recorder(model, layers, stop=True) as rec:
         model(input_ids=batch.to(device), use_cache=False)
     out = {}
     for layer in layers:
