@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench bench-sae bench-env lint clean
+.PHONY: setup demo test bench bench-sae bench-env lint clean notebooks lab
 
 setup: $(STAMP)
 
@@ -52,6 +52,15 @@ $(REPENG)/.done: | $(STAMP)
 	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > $$($(REPENG)/bin/python -c "import site; print(site.getsitepackages()[0])")/steerkit-venv.pth
 	$(REPENG)/bin/python -c "import numpy, repeng, torch, transformers; assert numpy.__version__ < '2'"
 	touch $@
+
+# Execute the notebooks on the embedded model and write their outputs (figures included) in place, to commit.
+notebooks: setup
+	$(BIN)/python scripts/run_notebooks.py
+
+# JupyterLab from the project's environment (installed on first use; not needed by the tests).
+lab: setup
+	test -x $(BIN)/jupyter-lab || { $(call pip_install,jupyterlab); }
+	$(BIN)/jupyter lab notebooks
 
 lint: setup
 	$(BIN)/ruff check steerkit tests bench experiments

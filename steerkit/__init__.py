@@ -14,6 +14,16 @@ from steerkit.weights import TaskVector, bake, merge
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``sk.plots`` on first use (matplotlib loads only when a figure is wanted)."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module("steerkit.plots")
+    raise AttributeError(f"module 'steerkit' has no attribute {name!r}")
+
+
 __all__ = [
     "EMBEDDED",
     "METHODS",

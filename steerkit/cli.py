@@ -16,8 +16,6 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="steerkit: read behaviours out of language models (activations, directions) and write them back in. "
-    "Layers are 0-based decoder blocks: layer i is the residual stream after block i.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -50,6 +48,44 @@ DtypeOpt = Annotated[
     str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's own dtype).")
 ]
 LAYER_SPEC = "'all', '12', '4,8,12' or '4-25' (inclusive, 0-based blocks)"
+ALPHA_HELP = (
+    "Steering strength α: h += α·v at each steered layer. Typical: 0.25 to 2 for an extracted mean-difference "
+    "vector on one early-middle layer (vector norms grow with depth); negative steers the other way."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        typer.echo(f"steerkit {importlib.metadata.version('steerkit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors: no progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say what steerkit does, step by step.")] = False,
+) -> None:
+    """steerkit: read behaviours out of language models (activations, directions) and write them back in.
+
+    Layers are 0-based decoder blocks: layer i is the residual stream after block i (TransformerLens'
+    blocks.i.hook_resid_post, llama.cpp's direction.i).
+    """
+    import logging
+
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logger = logging.getLogger("steerkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def _parse_position(value: str) -> str | int:
@@ -281,25 +317,52 @@ def generate(
     vector: VectorOpt,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")],
     model: ModelArg = "smollm2-135m-instruct",
-    alpha: Annotated[
-        str, typer.Option(help="Steering strength α (h += α·v); negative values steer the other way.")
-    ] = "1.0",
-    layers: LayersOpt = None,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 1.0,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Which of the vector's layers to steer (0-based blocks), e.g. '8' or '8-12'; 'all' for every one. "
+            "Default: the layer with the best held-out separation."
+        ),
+    ] = None,
     positions: Annotated[str, typer.Option(help="'all', 'prompt', 'generated' or a start index.")] = "all",
     mode: Annotated[str, typer.Option(help="add, project_out or clamp.")] = "add",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template.")] = True,
+    system: Annotated[str | None, typer.Option(help="A system turn before each prompt (chat models).")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when sampling.", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (both runs start from it).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Generate greedily with and without steering and print the completions side by side."""
+    """Generate with and without steering and print the completions side by side (greedy unless --temperature)."""
     import steerkit as sk
+    from steerkit._checks import finite
 
     placement = _placement(device, dtype)
     vec = _load_vector(vector)
-    a = _parse_alpha(alpha)
-    layer_list = _layers(layers, model) if layers else None
+    a = finite(alpha)
+    if layers == "all":
+        layer_list = vec.layers
+    elif layers:
+        layer_list = _layers(layers, model)
+    elif len(vec.layers) == 1:
+        layer_list = vec.layers
+    elif vec.separation:
+        layer_list = vec.best_layers(1)
+        best = layer_list[0]
+        typer.echo(
+            f"steering layer {best} only: the vector's best held-out separation (AUROC {vec.separation[best]:.3f}) "
+            f"of its {len(vec.layers)} layers; pass --layers to choose, --layers all for every one"
+        )
+    else:
+        raise ValueError(
+            f"{vector} holds {len(vec.layers)} layers ({vec.layers[0]}..{vec.layers[-1]}) and no separation scores "
+            "to pick one by: pass --layers (e.g. --layers 8), or --layers all to steer every one at once"
+        )
     pos = _parse_position(positions)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     mdl, tok = _load(model, placement)
     rows = sk.generate(
         mdl,
@@ -312,6 +375,9 @@ def generate(
         positions=pos,
         mode=mode,
         chat=chat,
+        system=system,
+        seed=seed,
+        **sampling,
     )
     for row in rows:
         typer.secho(f"\n>>> {row['prompt']}", bold=True)
@@ -396,7 +462,7 @@ def sweep(
     mdl, tok = _load(model, placement)
     rows = sk.sweep(mdl, tok, vec, source, alphas=alpha_list, layers=layer_list, together=together, n=n)
     write_csv(rows, output, force=force)
-    plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=figure, force=force)
+    plots.close(plots.sweep_metrics(rows, title=f"{vector.name} on {task or prompts.name}", path=figure, force=force))
     for row in rows:
         typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     typer.echo(f"wrote {output} and {figure}")
@@ -477,9 +543,7 @@ def bake(
     base: Annotated[str, typer.Argument(help="Base checkpoint directory (or embedded model name).")],
     vector: VectorOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
-    alpha: Annotated[
-        str, typer.Option(help="Steering strength: the checkpoint adds alpha * v at every position.")
-    ] = "1.0",
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 1.0,
     layers: LayersOpt = None,
     family: Annotated[
         str,
@@ -502,8 +566,10 @@ def bake(
 
     if family not in MODES:
         raise typer.BadParameter(f"{family!r}: expected one of {list(MODES)}", param_hint="--family")
+    from steerkit._checks import finite
+
     vec = _load_vector(vector)
-    a = _parse_alpha(alpha)
+    a = finite(alpha)
     _output(output, force, [*_model_inputs(base), vector], directory=True)
     chosen = _layers(layers, base) if layers else None
     sk.bake(base, vec, a, output, layers=chosen, max_shard_size=max_shard_size, force=force, family=family)
@@ -560,7 +626,8 @@ def train_sae(
     for value, sae in saes.items():
         folder = output if len(saes) == 1 else output / f"layer_{value}"
         if is_main():
-            plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=folder / "training_curves.png")
+            curves = folder / "training_curves.png"
+            plots.close(plots.sae_training(sae.training_log, f"{arch} SAE, layer {value}", path=curves))
         last = sae.training_log[-1]
         typer.echo(
             f"layer {value}: explained variance {last['explained_variance']:.3f}, L0 {last['l0']:.1f}, "
@@ -603,7 +670,7 @@ def eval_sae(
     if output is not None:
         write_text(json.dumps(metrics, indent=1), output, force=force, inputs=inputs)
         figure = output.with_suffix(".png")
-        plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=figure, force=force)
+        plots.close(plots.latent_frequency(frequency, f"{sae.name}, layer {layer}", path=figure, force=force))
         typer.echo(f"wrote {output} and {figure}")
 
 
@@ -711,6 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     from steerkit._io import Terminated
 
     warnings.showwarning = _show_warning
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the command line writes figures to files, never to a window
     if os.environ.get("WORLD_SIZE", "1") != "1" and not is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  under torchrun rank 0 alone prints results
     try:

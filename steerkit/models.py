@@ -8,6 +8,7 @@ The cache lives in ``$STEERKIT_CACHE`` (default ``~/.cache/steerkit``).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerkit._io import atomic_path
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders need it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -197,6 +200,7 @@ def load_model(
     load_kwargs["dtype"] = dtype if dtype is not None else "auto"
     if device is not None:  # loaded straight onto the device (or spread by accelerate for "auto")
         load_kwargs["device_map"] = device if device == "auto" else str(device)
+    log.info("loading %s (dtype %s, device %s)", key, dtype or "as saved", device or "cpu")
     model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     model.eval()
     if key in EMBEDDED:

@@ -1,17 +1,17 @@
-"""Figures (matplotlib): each function returns a Figure and, given ``path``, writes it as PNG atomically."""
+"""Figures (matplotlib): each function returns a Figure and, given ``path``, writes it as PNG atomically.
+
+No backend is forced: in Jupyter the figures show inline, on a machine without a display matplotlib falls
+back to Agg, and the command line (which only writes files) chooses Agg itself.
+"""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files, not windows; notebooks display the returned Figure themselves
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from steerkit._io import atomic_path  # noqa: E402
+from steerkit._io import atomic_path
 
 
 def save_figure(fig: Figure, path: str | os.PathLike | None, force: bool = False) -> Figure:
@@ -22,6 +22,11 @@ def save_figure(fig: Figure, path: str | os.PathLike | None, force: bool = False
         with atomic_path(path, force=force) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return fig
+
+
+def close(fig: Figure) -> None:
+    """Free a figure that was only written to a file (pyplot keeps every open figure alive)."""
+    plt.close(fig)
 
 
 def task_vector_layers(stats: dict, title: str = "task vector by layer", path=None, force: bool = False) -> Figure:

@@ -128,9 +128,9 @@ def scaled(vector: SteeringVector, layer: int, alpha: float, mode: str, dtype: t
     return out
 
 
-def _render(tok, prompt: str, chat: bool) -> str:
+def _render(tok, prompt: str, chat: bool, system: str | None = None) -> str:
     """The prompt through the chat template when asked for and the tokenizer has one; else as given."""
-    return chat_prompt(tok, prompt) if chat and getattr(tok, "chat_template", None) else prompt
+    return chat_prompt(tok, prompt, system) if chat and getattr(tok, "chat_template", None) else prompt
 
 
 def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
@@ -164,12 +164,16 @@ def generate(
     mode: str = "add",
     chat: bool = True,
     batch_size: int = 8,
+    system: str | None = None,
+    seed: int | None = None,
     **gen_kwargs,
 ) -> list[dict]:
     """Unsteered and steered completions side by side: ``[{"prompt", "unsteered", "steered"}, ...]``.
 
-    Greedy by default (pass ``do_sample=True`` etc. through ``gen_kwargs``); prompts go through the chat
-    template when the tokenizer has one and ``chat`` is true. Without a vector only ``unsteered`` is filled.
+    Greedy by default (pass ``do_sample=True``, ``temperature`` etc. through ``gen_kwargs``; ``seed`` reseeds
+    before each of the two runs, so sampled completions differ only by the steering). Prompts go through the
+    chat template, after the ``system`` turn if given, when the tokenizer has one and ``chat`` is true.
+    Without a vector only ``unsteered`` is filled.
     """
     if kind(model) != "hf":
         raise ValueError("steerkit.generate drives transformers models; use steer() around your backend's own generate")
@@ -178,13 +182,19 @@ def generate(
         raise ValueError("prompts is empty")
     if vector is not None:  # fail before generating anything
         _validated(model, vector, alpha, layers, positions, mode)
-    rendered = [_render(tok, p, chat) for p in prompts]
+    rendered = [_render(tok, p, chat, system) for p in prompts]
     gen_kwargs.setdefault("do_sample", False)
-    plain = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
+
+    def run() -> list[str]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
+
+    plain = run()
     rows = [{"prompt": p, "unsteered": u} for p, u in zip(prompts, plain, strict=True)]
     if vector is not None:
         with steer(model, vector, alpha, layers=layers, positions=positions, mode=mode):
-            steered = completions(model, tok, rendered, max_new_tokens, batch_size, **gen_kwargs)
+            steered = run()
         for row, text in zip(rows, steered, strict=True):
             row["steered"] = text
     return rows

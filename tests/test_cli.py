@@ -102,7 +102,7 @@ def test_generate_rejects_nan_alpha(tmp_path, capsys):
     path = sk.SteeringVector({3: torch.ones(576)}).save(tmp_path / "v.safetensors")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "-v", str(path), "-p", "hi", "--alpha", "nan"])
-    assert exit_info.value.code == 2 and "alpha 'nan' is not a finite number" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "alpha=nan is not a finite number" in capsys.readouterr().err
 
 
 def test_subcommand_help_explains():

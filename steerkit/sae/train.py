@@ -13,6 +13,7 @@ L1 warm-up.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from steerkit.distributed import all_gather, all_reduce, barrier, broadcast, wor
 from steerkit.hooks import block_device
 from steerkit.sae.io import load_sae
 
+logger = logging.getLogger(__name__)
 ARCHS = ("topk", "batchtopk", "jumprelu", "standard")  # sae-lens architectures steerkit has defaults for
 OUTLIER_FACTOR = 5.0  # a token whose norm exceeds 5× the median is an outlier (attention sink)
 
@@ -394,6 +396,10 @@ def train_sae(
         state = _load_checkpoint(ckpt, runs, settings, generator)
         step, consumed = state["step"], state["consumed"][rank]
         counts.update(state["counts"][rank])
+    logger.info(
+        "training %s SAE(s) on layer(s) %s: %d tokens in %d steps of %d, %d rank(s)%s",
+        arch, layers, tokens, total_steps, batch_size, size, f", resumed at step {step}" if step else "",
+    )  # fmt: skip
     local_batch = batch_size // size
     buffer = ShuffleBuffer(max(min(buffer_tokens, tokens) // size, 2 * local_batch), local_batch, generator)
     bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress or rank != 0)
@@ -487,6 +493,7 @@ def _checkpoint(ckpt: Path, runs: dict, step: int, consumed: int, counts: dict, 
             "config": settings,
         }
         _save_checkpoint(ckpt, runs, state, rngs)
+        logger.debug("checkpoint at step %d written to %s", step, ckpt)
     barrier("waiting for rank 0 to write a checkpoint")
 
 

@@ -17,6 +17,7 @@ the first blocks of the real weights: a mismatch above tolerance stops the bake.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from steerkit.vector import SteeringVector
 from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter, Spec, model_card
 from steerkit.weights.taskvec import _reader, layer_of
 
+log = logging.getLogger(__name__)
 ALTERNATIVES = (
     "export a llama.cpp control vector (vec.to_gguf / steerkit export-gguf) or steer with hooks "
     "(steerkit.steer / steerkit generate) instead"
@@ -321,7 +323,9 @@ def bake(
                 f"{str(dtype).removeprefix('torch.')}: use a smaller alpha; nothing was written"
             )
         steer[name] = alpha * vector[i]
+    log.info("baking into %s: %s", reader.path.name, plan.note.split(";")[0])
     error = check_equivalent(reader, plan)
+    log.debug("rewritten architecture checked: relative logit error %.1e without the vector", error)
     record = {"layers": chosen, "alpha": alpha, "method": vector.metadata.get("method"), "norms": vector.norms()}
     config = {**plan.config, "steerkit_bake": record}
     specs = {name: spec for name, (spec, _) in plan.tensors.items.items()}

@@ -7,6 +7,7 @@ NaN/inf after each tensor, into a temporary directory renamed only when complete
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from steerkit._checks import finite
 from steerkit.weights.checkpoint import CheckpointWriter, model_card
 from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, delta_shape, layer_of, sources
 
+log = logging.getLogger(__name__)
 METHODS = ("task_arithmetic", "ties", "dare")
 CHUNK = 1 << 22  # elements per float32 temporary (16 MB): memory follows this, not the largest tensor
 
@@ -143,6 +145,7 @@ def merge(
                     f"{source}: {name} has shape {delta_shape(tv.deltas, name)} but the base has {reader.shape(name)} "
                     "(a vector computed from another base?)"
                 )
+    log.info("merging %d task vector(s) into %s (%s)", len(loaded), reader.path.name, method)
     generator = torch.Generator().manual_seed(seed)
     inputs = [path for tv, _ in loaded for path in sources(tv.deltas)]
     specs = {name: reader.spec(name) for name in reader}
