@@ -6,6 +6,7 @@ from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
 from steerkit.data.corpus import load_corpus
 from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
+from steerkit.hub import push_to_hub
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
 from steerkit.sae import attach_adapter, evaluate_sae, load_sae, sae_tune, splice, train_sae
 from steerkit.steer import generate, steer
@@ -49,6 +50,7 @@ __all__ = [
     "merge",
     "num_layers",
     "persona_pairs",
+    "push_to_hub",
     "residual_writers",
     "sae_tune",
     "splice",

@@ -137,6 +137,13 @@ def _layers(spec: str, model: str) -> list[int]:
     return parse_layers(spec, _depth(model))
 
 
+def _sae_layer(sae, layer: int | None, model: str) -> int:
+    """The block an SAE goes into (given, or read from its hook name), checked against the model's depth."""
+    from steerkit.sae.io import sae_layer
+
+    return _layers(str(sae_layer(sae, layer)), model)[0]
+
+
 def _output(path: Path, force: bool, inputs=(), directory: bool = False) -> Path:
     from steerkit._io import check_output
 
@@ -167,10 +174,12 @@ def is_main() -> bool:
 
 
 def _load_vector(path: Path):
+    """A vector file, or a Hub repo id holding one (the Hub cache serves it offline once cached)."""
     import steerkit as sk
+    from steerkit.hub import is_repo_id
 
-    if not path.is_file():
-        raise FileNotFoundError(f"vector file {path} does not exist")
+    if not path.is_file() and not is_repo_id(path):
+        raise FileNotFoundError(f"vector file {path} does not exist (nor is it a Hub repo id org/name)")
     return sk.SteeringVector.load(path)
 
 
@@ -637,8 +646,10 @@ def train_sae(
 
 @app.command("eval-sae")
 def eval_sae(
-    sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format).")],
-    layer: Annotated[int, typer.Option(help="The block it reads (0-based).")],
+    sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format) or a Hub repo id holding one.")],
+    layer: Annotated[
+        int | None, typer.Option(help="The block it reads (0-based; default: from the SAE's hook name).")
+    ] = None,
     model: ModelArg = "smollm2-135m-instruct",
     corpus: CorpusOpt = "default",
     tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate on.")] = 32_768,
@@ -656,7 +667,7 @@ def eval_sae(
 
     placement = _placement(device, dtype)
     loaded = sk.load_sae(sae)
-    _layers(str(layer), model)
+    layer = _sae_layer(loaded, layer, model)
     text = sk.load_corpus(corpus)
     inputs = [sae, *([text.source] if text.source else []), *_model_inputs(model)]
     if output is not None:
@@ -676,12 +687,14 @@ def eval_sae(
 
 @app.command("sae-tune")
 def sae_tune(
-    sae: Annotated[Path, typer.Argument(help="The frozen SAE directory (sae-lens format), trained on a source model.")],
-    layer: Annotated[int, typer.Option(help="The block to splice it into (0-based).")],
+    sae: Annotated[Path, typer.Argument(help="The frozen SAE (sae-lens folder or Hub repo) of a source model.")],
     data: Annotated[
         Path, typer.Option(help="A .jsonl of {'prompt', 'answer'} (or {'text'} for the kl loss), one per line.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory (or checkpoint with --merge).")],
+    layer: Annotated[
+        int | None, typer.Option(help="The block to splice it into (0-based; default: from the SAE's hook name).")
+    ] = None,
     model: ModelArg = "smollm2-135m-instruct",
     loss: Annotated[str, typer.Option(help="kl (Resa: match the untouched target, no labels) or ce (answers).")] = "kl",
     grad_through_sae: Annotated[
@@ -707,7 +720,7 @@ def sae_tune(
     rows = read_jsonl(data)
     examples = [row["text"] if set(row) == {"text"} else row for row in rows]
     loaded = sk.load_sae(sae)
-    _layers(str(layer), model)
+    layer = _sae_layer(loaded, layer, model)
     _output(output, force, [sae, data, *_model_inputs(model)], directory=True)
     mdl, tok = _load(model, placement)
     tuned = sk.sae_tune(
@@ -740,6 +753,24 @@ def attach_adapter(
     mdl, tok = _load(model, placement)
     save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force, inputs=inputs)
     typer.echo(f"wrote {output}")
+
+
+@app.command()
+def push(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A vector file, or a folder steerkit wrote: SAE, task vector, LoRA adapter or checkpoint."),
+    ],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repo to create or update, organisation/name.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+) -> None:
+    """Upload to the Hugging Face Hub with a model card (YAML metadata linking the base model); a vector also
+    travels as a llama.cpp .gguf. Needs a token (huggingface-cli login or HF_TOKEN)."""
+    from steerkit.hub import push_to_hub
+
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to push at {path}")
+    typer.echo(f"pushed {path} to {repo_id}: {push_to_hub(path, repo_id, private=private)}")
 
 
 @app.command()

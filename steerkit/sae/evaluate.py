@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from steerkit import arch
 from steerkit.backends import fingerprint
 from steerkit.capture import Recorder
-from steerkit.data.corpus import Corpus
-from steerkit.sae.io import check_sae, load_sae, on_device, recorded_max_norm
+from steerkit.data.corpus import Corpus, load_corpus
+from steerkit.sae.io import check_sae, load_sae, on_device, recorded_max_norm, sae_layer
 from steerkit.sae.splice import replace_output, splice
 
 DENSE_ABOVE = 0.1  # a latent firing on more than 10% of tokens counts as dense
@@ -37,15 +37,16 @@ def evaluate_sae(
     model: nn.Module,
     tok,
     sae,
-    layer: int,
-    corpus: Corpus,
+    layer: int | None = None,
+    corpus: Corpus | None = None,
     tokens: int = 32_768,
     ctx_len: int | None = None,
     batch_size: int = 16,
     max_norm: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Metrics of ``sae`` at block ``layer`` on ``corpus``' held-out split (about ``tokens`` tokens).
+    """Metrics of ``sae`` at block ``layer`` (default: from its hook name) on ``corpus``' held-out split (default:
+    the embedded corpus), about ``tokens`` tokens.
 
     Returns floats ``explained_variance``, ``mse`` (per element), ``l0``, ``dead_fraction`` (never fired
     on these tokens), ``dense_fraction`` (fired on > 10%), ``ce_loss_clean`` / ``_spliced`` / ``_zero``,
@@ -55,7 +56,8 @@ def evaluate_sae(
     """
     sae = load_sae(sae)
     check_sae(sae, model)
-    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+    layer = arch.validate_layer(sae_layer(sae, layer), fingerprint(model)["num_hidden_layers"])
+    corpus = corpus if corpus is not None else load_corpus("default")
     ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
     device = arch.input_device(model)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
@@ -130,8 +132,8 @@ def top_activations(
     model: nn.Module,
     tok,
     sae,
-    layer: int,
-    corpus: Corpus,
+    layer: int | None,
+    corpus: Corpus | None,
     latents: list[int],
     sequences: int = 64,
     top: int = 5,
@@ -143,7 +145,8 @@ def top_activations(
     "context"}`` with the ``window`` tokens before it as context (first positions excluded, as in training)."""
     sae = load_sae(sae)
     check_sae(sae, model)
-    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+    layer = arch.validate_layer(sae_layer(sae, layer), fingerprint(model)["num_hidden_layers"])
+    corpus = corpus if corpus is not None else load_corpus("default")
     bad = [latent for latent in latents if not 0 <= latent < sae.cfg.d_sae]
     if bad:
         raise ValueError(f"latents {bad} out of range: the SAE has {sae.cfg.d_sae}")

@@ -1,10 +1,12 @@
-"""Load sae-lens SAE directories with errors that say what is wrong, and check an SAE fits a model."""
+"""Load sae-lens SAEs (a folder, a Hub repo, a sae-lens release) with errors that say what is wrong; find the
+block an SAE reads from its hook name; check an SAE fits a model."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import re
+import warnings
 
 from torch import nn
 
@@ -15,11 +17,26 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
-def load_sae(sae_or_path, device: str = "cpu"):
-    """A ``sae_lens.SAE`` from a directory (``cfg.json`` + ``sae_weights.safetensors``); an SAE passes through."""
+def load_sae(sae_or_path, device: str = "cpu", sae_id: str | None = None, subfolder: str | None = None):
+    """A ``sae_lens.SAE`` from a directory (``cfg.json`` + ``sae_weights.safetensors``), a Hub repo id holding one
+    (optionally in ``subfolder``), or a sae-lens pretrained release with ``sae_id``; an SAE passes through.
+
+    Repos and releases come through the Hub cache, so they load offline once cached. steerkit moves an SAE to
+    the device of the activations it reads when it runs; ``device`` is where it is loaded.
+    """
     if isinstance(sae_or_path, nn.Module):
         return sae_or_path
-    path = Path(sae_or_path)
+    if sae_id is not None:
+        from sae_lens import SAE
+
+        try:
+            return SAE.from_pretrained(release=str(sae_or_path), sae_id=sae_id, device=device)
+        except Exception as err:  # unknown release or id, not cached offline, network errors
+            raise ValueError(f"cannot load sae-lens release {sae_or_path!r}, id {sae_id!r}: {err}") from None
+    from steerkit.hub import local
+
+    path = local(sae_or_path)
+    path = confined(path, subfolder, "SAE subfolder") if subfolder else path
     if not path.is_dir():
         raise FileNotFoundError(f"no SAE directory at {path}: expected a folder with {CFG_FILE} and {WEIGHTS_FILE}")
     missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not confined(path, name, "SAE file").is_file()]
@@ -59,6 +76,38 @@ def on_device(sae, device):
     import torch
 
     return sae if sae.device == torch.device(device) else copy.deepcopy(sae).to(device)
+
+
+_HOOKS = (
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),  # TransformerLens: the output of block i
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # the input of block i: the output of block i - 1
+    (re.compile(r"^(?:model\.)?(?:model\.)?layers\.(\d+)$"), 0),  # a transformers block module
+    (re.compile(r"^transformer\.h\.(\d+)$|^gpt_neox\.layers\.(\d+)$"), 0),
+)
+
+
+def sae_layer(sae, layer: int | None = None) -> int:
+    """The block whose output the SAE reads, from its ``hook_name``; ``layer`` (if given) wins, with a warning
+    when the two disagree. A hook point that is not a block output is an error saying to pass ``layer=``."""
+    hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    found = None
+    for pattern, shift in _HOOKS:
+        match = pattern.match(hook or "")
+        if match:
+            found = int(next(g for g in match.groups() if g is not None)) + shift
+            break
+    if layer is not None:
+        if found is not None and found != layer:
+            warnings.warn(
+                f"the SAE reads {hook} (the output of block {found}) but layer={layer} was given", stacklevel=3
+            )
+        return layer
+    if found is None or found < 0:
+        raise ValueError(
+            f"the SAE's hook {hook!r} is not the output of a decoder block (resid_post of block i, or resid_pre of "
+            "block i + 1): pass layer= to say where it goes"
+        )
+    return found
 
 
 def check_sae(sae, model: nn.Module) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from steerkit import arch
 from steerkit.backends import fingerprint
 from steerkit.hooks import intervene
-from steerkit.sae.io import check_max_norm, check_sae, load_sae, on_device, recorded_max_norm
+from steerkit.sae.io import check_max_norm, check_sae, load_sae, on_device, recorded_max_norm, sae_layer
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
@@ -57,13 +57,14 @@ def replace_output(
 def splice(
     model: nn.Module,
     sae,
-    layer: int,
+    layer: int | None = None,
     error_term: bool = False,
     skip_first: bool = True,
     grad_through_sae: bool = True,
     max_norm: float | None = None,
 ) -> contextlib.AbstractContextManager[nn.Module]:
-    """Replace block ``layer``'s output by ``sae``'s reconstruction inside the ``with`` block.
+    """Replace block ``layer``'s output (default: the block the SAE's hook name reads) by ``sae``'s
+    reconstruction inside the ``with`` block.
 
     ``sae``: a ``sae_lens.SAE`` or a directory sae-lens can load; it runs on the block's device (a moved copy if
     it is elsewhere), in its own dtype. ``grad_through_sae=False`` runs the SAE
@@ -73,6 +74,7 @@ def splice(
     """
     sae = load_sae(sae)
     check_sae(sae, model)
+    layer = sae_layer(sae, layer)
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
     placed: dict = {}  # device -> the SAE there (moved once per context)
 

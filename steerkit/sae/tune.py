@@ -28,7 +28,8 @@ from steerkit._io import atomic_path, check_output, confined
 from steerkit.arch import input_device
 from steerkit.backends import fingerprint
 from steerkit.batching import pad_batch, pad_id
-from steerkit.sae.io import check_sae, load_sae
+from steerkit.hub import card, name_of
+from steerkit.sae.io import check_sae, load_sae, sae_layer
 from steerkit.sae.splice import splice
 
 LOSSES = ("kl", "ce")
@@ -74,7 +75,7 @@ def sae_tune(
     target: nn.Module,
     tok,
     sae,
-    layer: int,
+    layer: int | None,
     data: Sequence,
     lora: dict | None = None,
     loss: str = "kl",
@@ -113,6 +114,7 @@ def sae_tune(
         sae = load_sae(sae)
         check_sae(sae, target)
         sae.requires_grad_(False)
+        layer = sae_layer(sae, layer)
     examples = _examples(data, loss)
     for name, value in {"epochs": epochs, "batch_size": batch_size, "max_length": max_length}.items():
         if not isinstance(value, int) or value < 1:
@@ -188,6 +190,15 @@ def save_adapter(model: nn.Module, out: str | Path, force: bool = False) -> Path
     with atomic_path(out, force=force, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / FAMILY_FILE).write_text(json.dumps(_family(model.get_base_model()), indent=1))
+        base = fingerprint(model.get_base_model())["name"]
+        lines = [
+            f"LoRA adapter for `{name_of(base)}` from SAE-tuning",
+            "`steerkit.attach_adapter(model, path)` or peft",
+        ]
+        text = card(
+            "SAE-tuning adapter", lines, base_model=base, relation="adapter", tags=("lora", "peft", "sae-tuning")
+        )
+        (tmp / "README.md").write_text(text)  # replaces peft's own, which names no base model for local ones
     return Path(out)
 
 
@@ -212,6 +223,9 @@ def save_checkpoint(model: nn.Module, tok, out: str | Path, force: bool = False,
             tok.save_pretrained(tokdir)
             for path in Path(tokdir).iterdir():
                 writer.add_file(path.name, path.read_bytes())
+        base = fingerprint(model)["name"]
+        lines = [f"base: `{name_of(base)}`", "weights written by steerkit (LoRA merged into the base)"]
+        writer.add_file("README.md", card("Fine-tuned checkpoint", lines, base_model=base, relation="finetune"))
     return Path(out)
 
 
@@ -224,7 +238,9 @@ def attach_adapter(model: nn.Module, adapter: str | Path, merge: bool = False) -
     """Put a saved SAE-tuning adapter onto (a copy of) another model of the same family (Resa's modularity)."""
     from peft import PeftModel
 
-    path = Path(adapter)
+    from steerkit.hub import local
+
+    path = local(adapter)
     if not confined(path, "adapter_config.json", "adapter file").is_file():
         raise FileNotFoundError(f"no LoRA adapter at {path} (adapter_config.json missing)")
     if not confined(path, "adapter_model.safetensors", "adapter file").is_file():

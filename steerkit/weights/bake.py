@@ -27,8 +27,9 @@ import torch
 
 from steerkit import arch
 from steerkit._checks import finite
+from steerkit.hub import card, name_of
 from steerkit.vector import SteeringVector
-from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter, Spec, model_card
+from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter, Spec
 from steerkit.weights.taskvec import _reader, layer_of
 
 log = logging.getLogger(__name__)
@@ -339,10 +340,11 @@ def bake(
             writer.add(name, tensor)
         writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
         lines = [
-            f"base: `{base}`",
+            f"base: `{name_of(base)}`",
             f"steering vector ({record['method']}) baked at layers {chosen}, α = {alpha:g}",
             plan.note,
             f"checked before writing: relative logit error {error:.1e} without the vector (first blocks, float32)",
         ]
-        writer.add_file("README.md", model_card("Steered checkpoint", lines))
+        tags = ("steering-vector", "bake")
+        writer.add_file("README.md", card("Steered checkpoint", lines, base_model=base, relation="finetune", tags=tags))
     return Path(out)

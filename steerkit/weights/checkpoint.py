@@ -11,9 +11,7 @@ tokenizer, chat template, generation config) into a temporary directory renamed 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
@@ -317,16 +315,6 @@ class CheckpointWriter:
                     raise
                 return False
         return self._stack.__exit__(exc_type, exc, tb)
-
-
-def model_card(title: str, lines: list[str]) -> str:
-    """A checkpoint's README.md: what steerkit wrote (version, date) and one bullet per fact."""
-    try:
-        version = importlib.metadata.version("steerkit")
-    except importlib.metadata.PackageNotFoundError:
-        version = "(not installed)"
-    body = "\n".join(f"- {line}" for line in lines)
-    return f"# {title}\n\nWritten by steerkit {version} on {datetime.date.today().isoformat()}.\n\n{body}\n"
 
 
 def specs_of(tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]) -> dict[str, Spec]:

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit._checks import finite
-from steerkit.weights.checkpoint import CheckpointWriter, model_card
+from steerkit.hub import card, name_of
+from steerkit.weights.checkpoint import CheckpointWriter
 from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, delta_shape, layer_of, sources
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,16 @@ def merge(
                 )
             writer.add(name, merged)
         lines = [
-            f"base: `{base}`",
+            f"base: `{name_of(base)}`",
             f"method: {method}" + (f" (density {density})" if method != "task_arithmetic" else ""),
         ]
         for tv, alpha in loaded:
-            lines.append(f"added α = {alpha:g} × (`{tv.metadata.get('a')}` − `{tv.metadata.get('b')}`)")
+            a, b = (name_of(tv.metadata.get(k)) for k in ("a", "b"))
+            lines.append(f"added α = {alpha:g} × (`{a}` − `{b}`)")
         if scales:
             lines.append(f"per-layer α multipliers: {scales}")
-        writer.add_file("README.md", model_card("Merged checkpoint", lines))
+        tags = ("merge", method)
+        writer.add_file("README.md", card("Merged checkpoint", lines, base_model=base, relation="merge", tags=tags))
     return Path(out)
 
 

@@ -32,11 +32,13 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
 
 
 def _reader(source) -> CheckpointReader:
+    """A reader for a checkpoint folder, an embedded model's name, or a Hub repo id (through the Hub cache)."""
     if isinstance(source, CheckpointReader):
         return source
+    from steerkit.hub import local
     from steerkit.models import EMBEDDED, embedded_checkpoint
 
-    return CheckpointReader(embedded_checkpoint(source) if str(source) in EMBEDDED else source)
+    return CheckpointReader(embedded_checkpoint(source) if str(source) in EMBEDDED else local(source))
 
 
 def delta_shape(deltas: Mapping, name: str) -> tuple[int, ...]:
@@ -176,9 +178,22 @@ class TaskVector:
         return Path(out)
 
     @classmethod
+    def from_pretrained(cls, source: str | os.PathLike) -> TaskVector:
+        """A task vector from a Hub repo id or a local folder (the same as ``load``)."""
+        return cls.load(source)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the deltas, ``task_vector.json`` and a model card; returns the commit URL."""
+        from steerkit.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
-        """A task vector directory, read lazily tensor by tensor."""
-        path = Path(path)
+        """A task vector directory (or Hub repo id), read lazily tensor by tensor."""
+        from steerkit.hub import local
+
+        path = local(path)
         meta_file = path / "task_vector.json"
         if not meta_file.is_file():
             raise ValueError(f"{path} is not a task vector (no task_vector.json); write one with TaskVector.save")
