@@ -63,8 +63,8 @@ lab: setup
 	$(BIN)/jupyter lab notebooks
 
 lint: setup
-	$(BIN)/ruff check steerkit tests bench experiments
-	$(BIN)/ruff format --check steerkit tests bench experiments
+	$(BIN)/ruff check steerkit tests bench experiments scripts
+	$(BIN)/ruff format --check steerkit tests bench experiments scripts
 
 clean:
 	rm -rf $(VENV) $(REPENG) $(MERGEKIT) build *.egg-info

@@ -48,6 +48,7 @@ DtypeOpt = Annotated[
     str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's own dtype).")
 ]
 LAYER_SPEC = "'all', '12', '4,8,12' or '4-25' (inclusive, 0-based blocks)"
+METHOD_NAMES = "task_arithmetic, ties (TIES), dare_ties, dare_linear (dare)"
 ALPHA_HELP = (
     "Steering strength α: h += α·v at each steered layer. Typical: 0.25 to 2 for an extracted mean-difference "
     "vector on one early-middle layer (vector norms grow with depth); negative steers the other way."
@@ -506,12 +507,21 @@ def diff(
 
 @app.command()
 def merge(
-    base: Annotated[str, typer.Argument(help="Base checkpoint directory (or embedded model name).")],
-    add: Annotated[
-        list[str], typer.Option("--add", help="DIR:ALPHA, a task-vector directory and its weight; repeatable.")
-    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
-    method: Annotated[str, typer.Option(help="task_arithmetic, ties or dare.")] = "task_arithmetic",
+    base: Annotated[
+        str | None, typer.Argument(help="Base checkpoint: a folder, an embedded model name or a Hub repo id.")
+    ] = None,
+    add: Annotated[
+        list[str] | None,
+        typer.Option("--add", help="VECTOR:ALPHA, a task-vector folder or Hub repo and its weight; repeatable."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A mergekit YAML (task_arithmetic, ties, dare_ties, dare_linear, linear) instead of BASE/--add."
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help=f"One of {METHOD_NAMES}.")] = "task_arithmetic",
     alpha_by_layer: Annotated[
         str | None, typer.Option(help="Per-layer multipliers of every alpha, e.g. '0-9:0.5,10-29:1' (0-based blocks).")
     ] = None,
@@ -521,11 +531,25 @@ def merge(
 ) -> None:
     """Merge task vectors into a base: out = base + sum(alpha * vector), written as a plain HF checkpoint.
 
+    Or run a mergekit config with --config (mergekit 0.1.5's semantics; unsupported keys are errors).
     Computed in float32 tensor by tensor and written in the base's dtype; tied embeddings stay tied; config,
     tokenizer and generation config are carried over; nothing is left behind if it fails.
     """
     import steerkit as sk
 
+    if config is not None:
+        from steerkit.weights.mergekit import merge_config, read_config
+
+        if base or add:
+            raise typer.BadParameter("pass either --config or BASE with --add, not both")
+        parsed = read_config(config)
+        sources = [parsed.get("base_model"), *(entry["model"] for entry in parsed["models"])]
+        _output(output, force, [config, *(p for s in sources if s for p in _model_inputs(s))], directory=True)
+        merge_config(parsed, output, max_shard_size=max_shard_size, force=force, progress=True)
+        typer.echo(f"wrote {output}")
+        return
+    if not base or not add:
+        raise typer.BadParameter("pass BASE and at least one --add VECTOR:ALPHA (or --config merge.yaml)")
     vectors = []
     for item in add:
         path, sep, alpha = item.rpartition(":")

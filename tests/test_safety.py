@@ -668,6 +668,7 @@ def test_magnitude_kth_is_exact():
 
 
 def test_ties_in_row_chunks_equals_the_whole_tensor_computation(monkeypatch):
+    """mergekit's TIES written out on whole tensors, against steerkit's chunked one (13 chunks here)."""
     import importlib
 
     merge_module = importlib.import_module("steerkit.weights.merge")
@@ -677,17 +678,17 @@ def test_ties_in_row_chunks_equals_the_whole_tensor_computation(monkeypatch):
     deltas[1][::2] = 0.0
     alphas, density = [1.0, -0.5, 2.0], 0.3
 
-    # TIES written out on whole tensors: trim to the top `density` magnitudes, elect signs, disjoint mean
-    k = int(round(base.numel() * (1 - density)))
-    trimmed = [torch.where(d.abs() > d.abs().flatten().kthvalue(k).values, d, 0.0) for d in deltas]
+    keep = int(density * base.numel())  # mergekit: the int(density · n) largest magnitudes of each delta
+    trimmed = [torch.where(d.abs() >= d.abs().flatten().topk(keep).values[-1], d, 0.0) for d in deltas]
     weighted = torch.stack([a * t for a, t in zip(alphas, trimmed, strict=True)])
-    sign = torch.sign(weighted.sum(0))
-    agree = (torch.sign(weighted) == sign) & (weighted != 0)
-    expected = base + (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(weighted) == majority).float()
+    divisor = (torch.tensor(alphas).view(-1, 1, 1) * agree).sum(0)
+    expected = base + (weighted * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
 
-    monkeypatch.setattr(merge_module, "CHUNK", 160)  # 4 rows a chunk: 13 chunks
-    parts = [((lambda rows, d=d: d[rows]), a) for d, a in zip(deltas, alphas, strict=True)]
-    assert torch.equal(merge_module.combine(base, parts, "ties", density), expected)
+    monkeypatch.setattr(merge_module, "CHUNK", 160)  # 4 rows a chunk
+    parts = [merge_module.Part((lambda rows, d=d: d[rows]), a, density) for d, a in zip(deltas, alphas, strict=True)]
+    assert torch.equal(merge_module.combine(base, parts, "ties"), expected)
 
 
 @pytest.mark.slow
