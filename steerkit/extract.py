@@ -13,7 +13,7 @@ import torch
 
 from steerkit.backends import fingerprint
 from steerkit.capture import Position, capture
-from steerkit.data import Pair, check_pairs, pairs_hash
+from steerkit.data import Pair, as_pairs, pairs_hash
 from steerkit.vector import SteeringVector
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "probe", "mean_positive")
@@ -94,14 +94,15 @@ def split_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
 def extract(
     model,
     tok,
-    pairs: Sequence[Pair],
+    pairs: Sequence[Pair | tuple[str, str]],
     layers: Iterable[int] | None = None,
     method: str = "mean_diff",
     position: Position = "last",
     batch_size: int = 16,
     progress: bool | None = None,
 ) -> SteeringVector:
-    """A SteeringVector from contrastive ``pairs`` at ``layers`` (default: every block).
+    """A SteeringVector from contrastive ``pairs`` (``Pair`` objects or ``(positive, negative)`` tuples) at
+    ``layers`` (default: every block).
 
     Methods: ``mean_diff`` (default; AxBench's best), ``pca_diff`` (uncentred PCA of the differences),
     ``pca_center`` (PCA of pair-centred activations), ``probe`` (logistic regression), ``mean_positive``
@@ -110,8 +111,7 @@ def extract(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    pairs = list(pairs)
-    check_pairs(pairs)
+    pairs = as_pairs(pairs)
     train, test = split_pairs(pairs)
     fp = fingerprint(model)
     layers = list(range(fp["num_hidden_layers"])) if layers is None else list(layers)

@@ -20,7 +20,7 @@ from steerkit.backends import fingerprint, kind
 from steerkit.batching import pad_batch, pad_id
 from steerkit.hooks import block_dtype, intervene
 from steerkit.models import chat_prompt
-from steerkit.vector import SteeringVector
+from steerkit.vector import SteeringVector, as_vector
 
 MODES = ("add", "project_out", "clamp")
 POSITION_NAMES = ("all", "prompt", "generated")
@@ -67,8 +67,8 @@ def steer(
     nnsight models; contexts nest. Only forwards run from the calling thread (or asyncio task) are steered.
     α·v must be finite in the model's dtype (checked before any forward).
     """
-    if not isinstance(vector, SteeringVector):
-        vectors = list(vector)
+    if isinstance(vector, list | tuple):
+        vectors = [as_vector(v) for v in vector]
         alphas = list(alpha) if isinstance(alpha, Sequence) else [alpha] * len(vectors)
         if not vectors or len(alphas) != len(vectors):
             raise ValueError(f"got {len(vectors)} vectors and {len(alphas)} alphas: expected one alpha per vector")
@@ -77,6 +77,7 @@ def steer(
                 stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm))
             yield model
         return
+    vector = as_vector(vector)
     alpha, positions, chosen = _validated(model, vector, alpha, layers, positions, mode)
 
     def make_fn(layer: int):
@@ -181,6 +182,7 @@ def generate(
     if not prompts:
         raise ValueError("prompts is empty")
     if vector is not None:  # fail before generating anything
+        vector = as_vector(vector)
         _validated(model, vector, alpha, layers, positions, mode)
     rendered = [_render(tok, p, chat, system) for p in prompts]
     gen_kwargs.setdefault("do_sample", False)

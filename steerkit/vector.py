@@ -19,6 +19,20 @@ from steerkit._io import atomic_path, save_safetensors
 FORMAT_VERSION = "1"
 
 
+def as_vector(vector) -> SteeringVector:
+    """A steerkit SteeringVector from one, a steering-vectors SteeringVector or a repeng ControlVector."""
+    if isinstance(vector, SteeringVector):
+        return vector
+    module = type(vector).__module__
+    if module.startswith("steering_vectors"):
+        return SteeringVector.from_steering_vectors(vector)
+    if module.startswith("repeng") or (hasattr(vector, "directions") and hasattr(vector, "model_type")):
+        return SteeringVector.from_repeng(vector)
+    raise TypeError(
+        f"{type(vector).__name__} is not a steering vector steerkit reads: a steerkit, steering-vectors or repeng one"
+    )
+
+
 class SteeringVector:
     """Per-layer directions (float32 ``[d_model]``) and what produced them.
 
@@ -156,6 +170,32 @@ class SteeringVector:
         return {
             layer: float(torch.nn.functional.cosine_similarity(self[layer], other[layer], dim=0)) for layer in common
         }
+
+    # --- neighbours ------------------------------------------------------------------------------
+    @classmethod
+    def from_steering_vectors(cls, vector) -> SteeringVector:
+        """A steering-vectors ``SteeringVector`` (its ``decoder_block`` layers are steerkit's layers)."""
+        if getattr(vector, "layer_type", "decoder_block") != "decoder_block":
+            raise ValueError(
+                f"a steering-vectors vector on {vector.layer_type!r} layers: steerkit steers decoder-block outputs"
+            )
+        directions = {int(k): v.detach().float().cpu() for k, v in vector.layer_activations.items()}
+        return cls(directions, {"method": "steering-vectors"})
+
+    @classmethod
+    def from_repeng(cls, vector) -> SteeringVector:
+        """A repeng ``ControlVector`` (its layer ids are those of its GGUF export, llama.cpp's ``direction.{i}``)."""
+        import numpy as np
+
+        directions = {int(k): torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in vector.directions.items()}
+        return cls(directions, {"method": "repeng", "model_hint": getattr(vector, "model_type", None)})
+
+    def apply(self, model, alpha: float = 1.0, **options):
+        """``with vec.apply(model, alpha): ...`` steers like ``steerkit.steer(model, vec, alpha, **options)``
+        (the habit of steering-vectors users)."""
+        from steerkit.steer import steer
+
+        return steer(model, self, alpha, **options)
 
     # --- model compatibility -------------------------------------------------------------------
     def check_model(self, hidden_size: int, n_layers: int, model_type: str | None = None) -> None:

@@ -62,6 +62,19 @@ def load_pairs(name_or_path: str | Path, split: str | None = None) -> list[Pair]
     return [p for p in pairs if split is None or p.split == split]
 
 
+def as_pairs(pairs: Iterable) -> list[Pair]:
+    """Pairs from ``Pair`` objects or ``(positive, negative[, split])`` tuples, checked (see ``check_pairs``)."""
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, tuple | list) and len(pair) in (2, 3):
+            pair = Pair(*pair)
+        if not isinstance(pair, Pair):
+            raise TypeError(f"pairs[{i}] is {pair!r}: expected a steerkit.Pair or a (positive, negative) tuple")
+        out.append(pair)
+    check_pairs(out)
+    return out
+
+
 def check_pairs(pairs: Sequence[Pair]) -> None:
     """Refuse an empty list, or pairs whose two sides are identical (nothing to contrast)."""
     if not pairs:

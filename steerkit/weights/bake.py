@@ -28,7 +28,7 @@ import torch
 from steerkit import arch
 from steerkit._checks import finite
 from steerkit.hub import card, name_of
-from steerkit.vector import SteeringVector
+from steerkit.vector import SteeringVector, as_vector
 from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter, Spec
 from steerkit.weights.taskvec import _reader, layer_of
 
@@ -304,6 +304,7 @@ def bake(
     architecture is checked against the original before anything is written (``check_equivalent``).
     """
     alpha = finite(alpha)
+    vector = as_vector(vector)
     reader = _reader(base)
     plan = plan_for(reader, family)
     n_layers = arch.config_depth(plan.config)
