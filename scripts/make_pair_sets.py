@@ -1,6 +1,8 @@
-"""Write the bundled contrastive pair sets in steerkit/data/*.jsonl (seeded; rerun to rebuild them).
+"""Write the bundled contrastive pair sets in steerkit/data/*.jsonl and the condition sets in
+steerkit/data/conditions/*.jsonl (seeded; rerun to rebuild them).
 
-Each line: {"positive": ..., "negative": ..., "split": "train" | "test"}; every fifth pair is held out.
+Pair sets: {"positive": ..., "negative": ..., "split": "train" | "test"}; every fifth pair is held out.
+Condition sets: {"text": ..., "label": 1 | 0, "split": "train" | "val" | "test"} (3 : 1 : 1).
 Run: .venv/bin/python scripts/make_pair_sets.py
 """
 
@@ -211,6 +213,64 @@ def truthful(rng: random.Random) -> list[tuple[str, str]]:
     return pairs
 
 
+COOKING = {
+    "How long should I {v} {f}?": None,
+    "What temperature should I {v} {f} at?": None,
+    "Can I {v} {f} the day before serving it?": None,
+    "What is the best way to {v} {f} without drying it out?": None,
+    "Give me a simple recipe that uses {f}.": None,
+    "What can I use instead of {i} when I cook {f}?": None,
+    "Why did my {f} turn out soggy when I tried to {v} it?": None,
+    "Which spices go well with {f}?": None,
+}
+COOK_VERBS = ["roast", "bake", "grill", "fry", "steam", "poach", "braise", "boil"]
+FOODS = ["chicken thighs", "salmon", "potatoes", "carrots", "a loaf of bread", "rice", "eggs", "tofu", "pork belly",
+         "broccoli", "a lemon tart", "mushrooms", "lentils", "a beef stew", "aubergine", "shrimp"]  # fmt: skip
+INGREDIENTS = ["butter", "fresh garlic", "white wine", "cream", "soy sauce", "lemon juice", "thyme"]
+OTHER = {  # questions on other topics, each template with fills that make sense in it
+    "How do I fix a flat tyre on my {x}?": ["bicycle", "car", "scooter", "wheelbarrow", "motorbike"],
+    "What is the best way to learn {x}?": ["Spanish", "the guitar", "statistics", "chess", "to swim", "Python",
+                                           "to paint", "Mandarin"],
+    "Can you explain how {x} works in simple terms?": ["photosynthesis", "electricity", "inflation", "a vaccine",
+                                                      "the stock market", "a search engine"],
+    "What should I pack for a week-long trip to {x}?": ["Japan", "Norway", "the mountains", "Morocco", "Iceland"],
+    "How can I save money on {x}?": ["car insurance", "my phone bill", "train tickets", "electricity", "rent",
+                                     "heating", "holidays"],
+    "Write a short poem about {x}.": ["the ocean", "the night sky", "an old friend", "autumn leaves", "a city at dawn"],
+    "What are the main causes of {x}?": ["climate change", "inflation", "insomnia", "traffic jams", "erosion"],
+    "How do I stay focused when {x}?": ["working from home", "studying for exams", "reading long reports"],
+    "What is the history of {x}?": ["the Roman Empire", "the printing press", "jazz", "the bicycle", "the internet"],
+    "How do I improve my {x}?": ["handwriting", "running pace", "public speaking", "sleep", "posture", "memory"],
+    "Recommend a good book about {x}.": ["space", "economics", "psychology", "the sea", "ancient Greece", "maths"],
+    "How does a {x} work?": ["refrigerator", "jet engine", "solar panel", "heat pump", "camera lens", "compass"],
+    "What are the rules of {x}?": ["cricket", "volleyball", "poker", "rugby", "go", "tennis", "basketball"],
+    "How do I set up {x}?": ["a home Wi-Fi network", "a new laptop", "a fish tank", "a budget spreadsheet", "a tent"],
+    "What should I know before adopting a {x}?": ["cat", "dog", "rabbit", "parrot", "hamster"],
+    "Translate 'good morning' into {x}.": ["French", "German", "Italian", "Japanese", "Swahili", "Portuguese"],
+}  # fmt: skip
+
+
+def cooking(rng: random.Random, n: int = 90) -> list[tuple[str, int]]:
+    """Cooking questions (label 1) and questions on other topics (label 0), interleaved."""
+    cook, other, seen = [], [], set()
+    while len(cook) < n:
+        text = rng.choice(list(COOKING)).format(
+            v=rng.choice(COOK_VERBS), f=rng.choice(FOODS), i=rng.choice(INGREDIENTS)
+        )
+        if text not in seen:
+            seen.add(text)
+            cook.append(text)
+    if sum(len(fills) for fills in OTHER.values()) < n:
+        raise ValueError(f"fewer than {n} distinct questions on other topics")
+    while len(other) < n:
+        template = rng.choice(list(OTHER))
+        text = template.format(x=rng.choice(OTHER[template]))
+        if text not in seen:
+            seen.add(text)
+            other.append(text)
+    return [row for pair in zip(((t, 1) for t in cook), ((t, 0) for t in other), strict=True) for row in pair]
+
+
 def main() -> None:
     for name, build in [
         ("sentiment", sentiment),
@@ -225,6 +285,11 @@ def main() -> None:
         ]
         write_text("\n".join(lines) + "\n", OUT / f"{name}.jsonl", force=True)  # regenerates the bundled sets
         print(f"{name}: {len(pairs)} pairs")
+    rows = cooking(random.Random("steerkit-condition-cooking"))
+    splits = ["train", "train", "train", "val", "test"]
+    lines = [json.dumps({"text": t, "label": y, "split": splits[(i // 2) % 5]}) for i, (t, y) in enumerate(rows)]
+    write_text("\n".join(lines) + "\n", OUT / "conditions" / "cooking.jsonl", force=True)
+    print(f"condition cooking: {len(rows)} prompts")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Write tests/data/repeng_sentiment.gguf with repeng itself (in its own environment: make bench-env).
 
-A repeng 0.4.0 ControlVector trained on the embedded model (pca_center, 16 sentiment pairs; repeng reads every layer),
-exported with repeng's own export_gguf, and what repeng reads back from that file (per layer: the first values and the sum), so the
-interop test can check steerkit reads the same numbers.
+A repeng 0.4.0 ControlVector trained on the embedded model (pca_center, 16 sentiment pairs; repeng reads
+every layer), exported with repeng's own export_gguf, and what repeng reads back from that file (per layer:
+the first values and the sum), so the interop test can check steerkit reads the same numbers.
 
     bench/.venv-repeng/bin/python scripts/make_repeng_fixture.py
 """

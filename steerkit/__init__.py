@@ -2,6 +2,7 @@
 
 from steerkit.arch import get_blocks, hidden_size, num_layers, residual_writers
 from steerkit.capture import Recorder, capture
+from steerkit.condition import Condition, extract_condition, find_condition
 from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
 from steerkit.data.corpus import load_corpus
 from steerkit.evals import load_task, sweep
@@ -27,6 +28,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "EMBEDDED",
+    "Condition",
     "METHODS",
     "Pair",
     "Recorder",
@@ -39,6 +41,8 @@ __all__ = [
     "embedded_checkpoint",
     "evaluate_sae",
     "extract",
+    "extract_condition",
+    "find_condition",
     "generate",
     "get_blocks",
     "hidden_size",

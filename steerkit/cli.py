@@ -357,20 +357,15 @@ def generate(
         layer_list = vec.layers
     elif layers:
         layer_list = _layers(layers, model)
-    elif len(vec.layers) == 1:
-        layer_list = vec.layers
-    elif vec.separation:
-        layer_list = vec.best_layers(1)
-        best = layer_list[0]
-        typer.echo(
-            f"steering layer {best} only: the vector's best held-out separation (AUROC {vec.separation[best]:.3f}) "
-            f"of its {len(vec.layers)} layers; pass --layers to choose, --layers all for every one"
-        )
     else:
-        raise ValueError(
-            f"{vector} holds {len(vec.layers)} layers ({vec.layers[0]}..{vec.layers[-1]}) and no separation scores "
-            "to pick one by: pass --layers (e.g. --layers 8), or --layers all to steer every one at once"
-        )
+        layer_list = vec.default_layers()
+        if len(vec.layers) > 1:
+            best = layer_list[0]
+            typer.echo(
+                f"steering layer {best} only: the vector's best held-out separation (AUROC "
+                f"{vec.separation[best]:.3f}) of its {len(vec.layers)} layers; pass --layers to choose, "
+                "--layers all for every one"
+            )
     pos = _parse_position(positions)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     mdl, tok = _load(model, placement)
@@ -795,6 +790,33 @@ def push(
     if not path.exists():
         raise FileNotFoundError(f"nothing to push at {path}")
     typer.echo(f"pushed {path} to {repo_id}: {push_to_hub(path, repo_id, private=private)}")
+
+
+@app.command()
+def serve(
+    vectors: Annotated[
+        Path, typer.Option(help="Folder of NAME.safetensors / NAME.gguf vectors (and NAME.condition.safetensors).")
+    ],
+    model: ModelArg = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.", min=1)] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond the batch before 429.", min=1)] = 64,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Serve the model with an OpenAI-compatible API where each request names its own steering.
+
+    POST /v1/chat/completions and /v1/completions (stream or not) take an extra field, e.g.
+    "steering": [{"vector": "sentiment", "alpha": 0.5, "layers": [8], "positions": "generated"}];
+    GET /v1/steering/vectors lists the vectors; requests with different vectors decode in one batch.
+    """
+    from steerkit.serve import serve as run
+
+    placement = _placement(device, dtype)
+    if not vectors.is_dir():
+        raise FileNotFoundError(f"no vector folder at {vectors}")
+    run(model, vectors, host, port, device=placement[0], dtype=placement[1], max_batch=max_batch, max_queue=max_queue)
 
 
 @app.command()

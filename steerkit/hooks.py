@@ -94,7 +94,7 @@ class PositionTracker:
         device = ref.device
         mask = kwargs.get("attention_mask")
         has_mask = torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] >= s
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         if has_mask:  # generate passes the mask over prompt + everything so far
             past_len = mask.shape[1] - s
         elif past is not None and hasattr(past, "get_seq_length"):

@@ -57,6 +57,7 @@ def steer(
     positions: str | int = "all",
     mode: str = "add",
     preserve_norm: bool = False,
+    condition=None,
 ) -> Iterator[nn.Module]:
     """Steer ``model`` inside the ``with`` block; hooks are removed on exit, also on exceptions.
 
@@ -66,6 +67,10 @@ def steer(
     generation) or an int: real tokens from that index on. Works on transformers, TransformerLens and
     nnsight models; contexts nest. Only forwards run from the calling thread (or asyncio task) are steered.
     α·v must be finite in the model's dtype (checked before any forward).
+
+    ``condition`` (a ``steerkit.condition.Condition``, CAST): each row is steered only if the condition fires
+    on its prompt, decided once per prompt from the mean of its prompt tokens at the condition's block. In the
+    prompt itself only blocks after that one can be steered (the decision does not exist before it).
     """
     if isinstance(vector, list | tuple):
         vectors = [as_vector(v) for v in vector]
@@ -74,27 +79,59 @@ def steer(
             raise ValueError(f"got {len(vectors)} vectors and {len(alphas)} alphas: expected one alpha per vector")
         with contextlib.ExitStack() as stack:
             for vec, a in zip(vectors, alphas, strict=True):
-                stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm))
+                stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm, condition))
             yield model
         return
     vector = as_vector(vector)
     alpha, positions, chosen = _validated(model, vector, alpha, layers, positions, mode)
+    decided: dict = {}  # CAST: "rows" -> bool [b], whether the condition fired on each row's prompt
 
     def make_fn(layer: int):
         cache: dict = {}
 
-        def fn(h: torch.Tensor, tracker) -> torch.Tensor:
+        def fn(h: torch.Tensor, tracker) -> torch.Tensor | None:
             key = (h.device, h.dtype)
             if key not in cache:
                 cache[key] = scaled(vector, layer, alpha, mode, h.dtype).to(h.device)
-            new = _modify(h, cache[key], alpha, mode, preserve_norm)
             selected = tracker.selection(h, positions)
+            if condition is not None:
+                rows = _condition_rows(tracker, h, layer, condition, decided)
+                if rows is None:
+                    return None
+                everywhere = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+                selected = (everywhere if selected is None else selected) & rows.unsqueeze(-1)
+            new = _modify(h, cache[key], alpha, mode, preserve_norm)
             return new if selected is None else torch.where(selected.unsqueeze(-1), new, h)
 
         return fn
 
-    with intervene(model, {layer: make_fn(layer) for layer in chosen}):
+    fns = {layer: make_fn(layer) for layer in chosen}
+    if condition is not None:
+        arch.validate_layer(condition.layer, fingerprint(model)["num_hidden_layers"])
+        if condition.layer not in fns:  # a hook that only reads, at the condition's block
+
+            def read(h: torch.Tensor, tracker) -> None:
+                _condition_rows(tracker, h, condition.layer, condition, decided)
+
+            fns[condition.layer] = read
+    with intervene(model, fns):
         yield model
+
+
+def _condition_rows(tracker, h: torch.Tensor, layer: int, condition, decided: dict) -> torch.Tensor | None:
+    """CAST, per forward: at a prompt's forward the condition's block decides for each row (mean over the real
+    prompt tokens); blocks before it get None (not steered in the prompt); later forwards reuse the decision."""
+    step = tracker.step
+    prompt_step = step is None or int(step.columns[0]) == 0
+    if prompt_step and layer == condition.layer:
+        valid = tracker.selection(h, "prompt")
+        weights = (valid if valid is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)).float()
+        mean = (h.float() * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+        decided["rows"] = condition.fires(mean)
+    if prompt_step and layer <= condition.layer or "rows" not in decided:
+        return None
+    rows = decided["rows"]
+    return rows.to(h.device) if rows.shape[0] == h.shape[0] else None
 
 
 def _validated(model, vector: SteeringVector, alpha, layers, positions, mode) -> tuple[float, str | int, list[int]]:

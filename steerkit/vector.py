@@ -113,6 +113,17 @@ class SteeringVector:
             raise ValueError("this vector records no separation scores (extract it with steerkit.extract)")
         return sorted(sorted(scores, key=lambda layer: -scores[layer])[:n])
 
+    def default_layers(self) -> list[int]:
+        """The layer to steer when none is named: the only one, else the best held-out separation."""
+        if len(self.layers) == 1:
+            return self.layers
+        if self.separation:
+            return self.best_layers(1)
+        raise ValueError(
+            f"the vector has {len(self.layers)} layers ({self.layers[0]}..{self.layers[-1]}) and no separation "
+            "scores to pick one by: name the layers"
+        )
+
     # --- arithmetic --------------------------------------------------------------------------
     def _derived(self, directions: dict[int, torch.Tensor], op: str) -> SteeringVector:
         meta = {k: v for k, v in self.metadata.items() if k in ("model", "format_version")}

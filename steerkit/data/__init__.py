@@ -35,6 +35,32 @@ class Pair:
             raise ValueError(f"Pair.split is {self.split!r}: expected one of {SPLITS}")
 
 
+CONDITION_SPLITS = ("train", "val", "test")
+
+
+def load_condition_set(name: str = "cooking", split: str | None = None) -> list[dict]:
+    """Rows ``{"text", "label", "split"}`` of a bundled condition set (``steerkit/data/conditions``) or a
+    ``.jsonl`` path: prompts with (label 1) and without (0) a property, split train / val / test."""
+    path = Path(name)
+    if not path.suffix:
+        path = DATA_DIR / "conditions" / f"{name}.jsonl"
+    if not path.is_file():
+        names = sorted(p.stem for p in (DATA_DIR / "conditions").glob("*.jsonl"))
+        raise FileNotFoundError(f"no condition set {name!r}: bundled sets are {names}, or pass a .jsonl path")
+
+    if split not in (None, *CONDITION_SPLITS):
+        raise ValueError(f"split={split!r}: expected one of {CONDITION_SPLITS} or None")
+
+    def parse(row: dict) -> dict:
+        text, label, part = row["text"], row["label"], row.get("split", "train")
+        if not isinstance(text, str) or label not in (0, 1) or part not in CONDITION_SPLITS:
+            raise ValueError("bad field")
+        return {"text": text, "label": int(label), "split": part}
+
+    rows = list(iter_jsonl(path, parse, "a JSON object with 'text', 'label' (0/1) and 'split'"))
+    return [r for r in rows if split is None or r["split"] == split]
+
+
 def bundled_sets() -> list[str]:
     """Names of the pair sets that ship with steerkit."""
     return sorted(p.stem for p in DATA_DIR.glob("*.jsonl"))
