@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench bench-sae bench-env lint clean notebooks lab
+.PHONY: setup demo test bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -36,6 +36,22 @@ bench: setup bench-env
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/steer.py
 	$(BIN)/python bench/merge.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/cast.py
+
+# An OpenAI-compatible server on 127.0.0.1:8000 with four vectors and the cooking condition of the embedded
+# model (built once into vectors/, which git ignores).
+VECTORS := vectors
+serve: setup $(VECTORS)/.done
+	$(BIN)/steerkit serve --vectors $(VECTORS)
+$(VECTORS)/.done: | $(STAMP)
+	mkdir -p $(VECTORS)
+	$(BIN)/steerkit extract -p sentiment --layers 8 -o $(VECTORS)/sentiment.safetensors --force
+	$(BIN)/steerkit extract -p concise --layers 4 -o $(VECTORS)/concise.safetensors --force
+	$(BIN)/steerkit extract -p reasoning --layers 10 -o $(VECTORS)/reasoning.safetensors --force
+	$(BIN)/steerkit extract -p truthful --layers 10 -o $(VECTORS)/truthful.safetensors --force
+	$(BIN)/steerkit condition -s cooking -o $(VECTORS)/cooking.condition.safetensors --force
+	touch $@
 
 # SAE benches: quality (about 15 minutes, writes artifacts/sae_quality/) and throughput against sae-lens.
 bench-sae: setup

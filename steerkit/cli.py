@@ -343,6 +343,9 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when sampling.", min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling (both runs start from it).")] = None,
+    condition: Annotated[
+        Path | None, typer.Option(help="A .condition.safetensors file (steerkit condition): steer only where it fires.")
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -352,6 +355,7 @@ def generate(
 
     placement = _placement(device, dtype)
     vec = _load_vector(vector)
+    cond = _load_condition(condition) if condition is not None else None
     a = finite(alpha)
     if layers == "all":
         layer_list = vec.layers
@@ -382,12 +386,66 @@ def generate(
         chat=chat,
         system=system,
         seed=seed,
+        condition=cond,
         **sampling,
     )
     for row in rows:
         typer.secho(f"\n>>> {row['prompt']}", bold=True)
         typer.echo(f"  unsteered: {row['unsteered'].strip()}")
         typer.echo(f"  steered (alpha={a:g}): {row['steered'].strip()}")
+
+
+def _load_condition(path: Path):
+    from steerkit.condition import Condition
+
+    if not path.is_file():
+        raise FileNotFoundError(f"condition file {path} does not exist")
+    return Condition.load(path)
+
+
+@app.command()
+def condition(
+    prompts: Annotated[
+        str,
+        typer.Option(
+            "--prompts", "-s", help="Bundled condition set (cooking) or a .jsonl of {text, label 0/1, split}."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Condition file to write (.condition.safetensors).")],
+    model: ModelArg = "smollm2-135m-instruct",
+    layers: Annotated[str, typer.Option(help=LAYER_SPEC + " searched for the condition.")] = "2-12",
+    force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Find a CAST condition: directions from the train split, the block, threshold and comparison with the best
+    F1 on the val split; prints the test split's F1. Use it with `generate --condition` or `serve`."""
+    import torch
+
+    from steerkit import condition as cast
+
+    placement = _placement(device, dtype)
+    if not output.name.endswith(".condition.safetensors"):
+        raise typer.BadParameter(f"{output}: expected a name ending in .condition.safetensors", param_hint="-o")
+    split = {name: cast.condition_prompts(prompts, name) for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if not all(split[name]):
+            raise ValueError(f"{prompts}: the {name} split needs prompts with label 1 and with label 0")
+    inputs = ([Path(prompts)] if Path(prompts).is_file() else []) + _model_inputs(model)
+    _output(output, force, inputs)
+    layer_list = _layers(layers, model)
+    mdl, tok = _load(model, placement)
+    found = cast.find_condition(mdl, tok, cast.extract_condition(mdl, tok, *split["train"], layers=layer_list),
+                                *split["val"])  # fmt: skip
+    if is_main():
+        found.save(output, force=force)
+    typer.echo(f"block {found.layer}, {found.comparator} than {found.threshold:.4f}: val F1 {found.f1:.3f}")
+    if all(split["test"]):
+        pos, neg = split["test"]
+        truth = torch.tensor([True] * len(pos) + [False] * len(neg))
+        test_f1 = cast.f1(found.predict(mdl, tok, [*pos, *neg]), truth)
+        typer.echo(f"test F1 {test_f1:.3f} ({len(truth)} held-out prompts)")
+    typer.echo(f"wrote {output}")
 
 
 @app.command("export-gguf")

@@ -55,6 +55,11 @@ class Condition:
         """Bool ``[b]``: whether the condition holds for each row's mean prompt state."""
         return compare(self.similarity(h), self.threshold, self.comparator)
 
+    def predict(self, model, tok, prompts: Sequence[str], chat: bool = True) -> torch.Tensor:
+        """Bool ``[N]``: whether the condition fires on each prompt (rendered as ``find_condition`` saw them)."""
+        sims = similarities(model, tok, SteeringVector({self.layer: self.direction}), prompts, chat)
+        return compare(sims[:, 0], self.threshold, self.comparator)
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """A safetensors file: the direction, and the layer, threshold, comparison and F1 as metadata."""
         from steerkit._io import save_safetensors
@@ -155,7 +160,7 @@ def find_condition(
     return Condition(vector[layer], layer, threshold, comparator, best[0], meta)
 
 
-def bundled(name: str = "cooking", split: str | None = None) -> tuple[list[str], list[str]]:
-    """(prompts with the property, prompts without) of a bundled condition set, optionally one split."""
+def condition_prompts(name: str = "cooking", split: str | None = None) -> tuple[list[str], list[str]]:
+    """(prompts with the property, prompts without) of a condition set, bundled or a .jsonl path; one split."""
     rows = load_condition_set(name, split)
     return [r["text"] for r in rows if r["label"]], [r["text"] for r in rows if not r["label"]]

@@ -81,6 +81,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # (vLLM's field) always max_tokens tokens: for benchmarks
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -117,7 +118,7 @@ class Library:
         rows = []
         for name, vec in self.vectors.items():
             best = vec.default_layers() if vec.separation or len(vec.layers) == 1 else None
-            rows.append({"name": name, "layers": vec.layers, "default_layers": best,
+            rows.append({"name": name, "kind": "vector", "layers": vec.layers, "default_layers": best,
                          "method": vec.metadata.get("method"), "d_model": vec.d_model})  # fmt: skip
         rows += [
             {"name": name, "kind": "condition", "layer": c.layer, "threshold": c.threshold, "f1": c.f1}
@@ -398,7 +399,7 @@ class Engine:
     def _emit(self, requests: Sequence[Request], tokens: list[int]) -> None:
         done = []
         for request, token in zip(requests, tokens, strict=True):
-            if token in self.eos:
+            if token in self.eos and not request.ignore_eos:
                 request.emit({"finish": "stop"})
                 done.append(request)
                 continue
@@ -477,6 +478,9 @@ def create_app(engine: Engine, model_name: str):
                 raise RequestError("temperature must be in 0..100 and top_p in (0, 1]")
             if body.get("n", 1) != 1:
                 raise RequestError("n must be 1")
+            ignore_eos, options = body.get("ignore_eos", False), body.get("stream_options") or {}
+            if not isinstance(ignore_eos, bool) or not isinstance(options, dict):
+                raise RequestError("ignore_eos must be true or false and stream_options an object")
             entries = parse_steering(body.get("steering"), engine.library, engine.model)
         except RequestError as err:
             return error(400, str(err))
@@ -485,8 +489,9 @@ def create_app(engine: Engine, model_name: str):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        request = Request(ids, max_tokens, entries, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                          temperature=temperature, top_p=top_p, seed=body.get("seed"))  # fmt: skip
+        emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731  (called from the engine)
+        sampling = {"temperature": temperature, "top_p": top_p, "seed": body.get("seed"), "ignore_eos": ignore_eos}
+        request = Request(ids, max_tokens, entries, emit, **sampling)
         try:
             engine.submit(request)
         except RequestError as err:
@@ -496,7 +501,9 @@ def create_app(engine: Engine, model_name: str):
         stamp, name = int(time.time()), body.get("model") or model_name
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
-            return StreamingResponse(_stream(request, events, tok, chat, stamp, name), media_type="text/event-stream")
+            usage = bool(options.get("include_usage"))
+            stream = _stream(request, events, tok, chat, stamp, name, usage)
+            return StreamingResponse(stream, media_type="text/event-stream")
         finish, tokens = "length", []
         try:
             while True:
@@ -510,7 +517,7 @@ def create_app(engine: Engine, model_name: str):
         finally:
             request.cancelled = True
         text = tok.decode(tokens, skip_special_tokens=True)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
+        usage = _usage(len(ids), len(tokens))
         choice = {"index": 0, "finish_reason": finish}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {"id": f"cmpl-{request.id}", "object": kind, "created": stamp, "model": name,
@@ -550,8 +557,13 @@ def _prompt(body: dict, chat: bool, tok, chat_prompt) -> str:
     return prompt
 
 
-async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stamp: int, name: str):
-    """Server-sent events in OpenAI's chunk shape; a client that goes away frees its row."""
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stamp: int, name: str, usage: bool):
+    """Server-sent events in OpenAI's chunk shape (a last chunk with the usage if asked, as OpenAI's
+    ``stream_options.include_usage``); a client that goes away frees its row."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent, tokens = "", []
 
@@ -576,6 +588,10 @@ async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stam
                 break
             if "finish" in event:
                 yield chunk(None, event["finish"])
+                if usage:
+                    last = {"id": f"cmpl-{request.id}", "object": kind, "created": stamp, "model": name, "choices": [],
+                            "usage": _usage(len(request.prompt_ids), len(tokens))}  # fmt: skip
+                    yield f"data: {json.dumps(last)}\n\n"
                 break
             tokens.append(event["token"])
             text = tok.decode(tokens, skip_special_tokens=True)
@@ -597,5 +613,7 @@ def serve(model_name: str, vectors: str | Path, host: str = "127.0.0.1", port: i
 
     model, tok = load_model(model_name, dtype=dtype, device=device)
     engine = Engine(model, tok, Library(vectors, model), max_batch=max_batch, max_queue=max_queue)
-    log.info("serving %s with vectors %s on http://%s:%d", model_name, sorted(engine.library.vectors), host, port)
+    library = engine.library
+    log.info("serving %s with vectors %s and conditions %s on http://%s:%d", model_name, sorted(library.vectors),
+             sorted(library.conditions), host, port)  # fmt: skip
     uvicorn.run(create_app(engine, str(model_name)), host=host, port=port, log_level="warning")

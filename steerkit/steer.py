@@ -204,6 +204,7 @@ def generate(
     batch_size: int = 8,
     system: str | None = None,
     seed: int | None = None,
+    condition=None,
     **gen_kwargs,
 ) -> list[dict]:
     """Unsteered and steered completions side by side: ``[{"prompt", "unsteered", "steered"}, ...]``.
@@ -211,7 +212,7 @@ def generate(
     Greedy by default (pass ``do_sample=True``, ``temperature`` etc. through ``gen_kwargs``; ``seed`` reseeds
     before each of the two runs, so sampled completions differ only by the steering). Prompts go through the
     chat template, after the ``system`` turn if given, when the tokenizer has one and ``chat`` is true.
-    Without a vector only ``unsteered`` is filled.
+    Without a vector only ``unsteered`` is filled. ``condition`` (CAST) steers only the prompts it fires on.
     """
     if kind(model) != "hf":
         raise ValueError("steerkit.generate drives transformers models; use steer() around your backend's own generate")
@@ -232,7 +233,7 @@ def generate(
     plain = run()
     rows = [{"prompt": p, "unsteered": u} for p, u in zip(prompts, plain, strict=True)]
     if vector is not None:
-        with steer(model, vector, alpha, layers=layers, positions=positions, mode=mode):
+        with steer(model, vector, alpha, layers=layers, positions=positions, mode=mode, condition=condition):
             steered = run()
         for row, text in zip(rows, steered, strict=True):
             row["steered"] = text

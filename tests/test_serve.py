@@ -35,9 +35,12 @@ def vectors(smollm, tmp_path_factory):
     sk.extract(model, tok, sk.load_pairs("concise"), layers=[4]).save(folder / "concise.safetensors")
     g = torch.Generator().manual_seed(0)
     sk.SteeringVector({10: torch.randn(576, generator=g) * 30}).save(folder / "random.safetensors")
-    pos, neg = cast.bundled("cooking", "train")
+    pos, neg = cast.condition_prompts("cooking", "train")
     found = cast.find_condition(
-        model, tok, cast.extract_condition(model, tok, pos, neg, layers=range(2, 10)), *cast.bundled("cooking", "val")
+        model,
+        tok,
+        cast.extract_condition(model, tok, pos, neg, layers=range(2, 10)),
+        *cast.condition_prompts("cooking", "val"),
     )
     found.save(folder / "cooking.condition.safetensors")
     return folder
@@ -137,8 +140,9 @@ def test_concurrent_requests_with_different_vectors_equal_generate_alone(server,
     assert len(set(texts[:4])) == 4  # the steering changed something
 
 
-def test_a_streamed_request_gives_the_non_streamed_text(server):
+def test_a_streamed_request_gives_the_non_streamed_text(server, smollm):
     url, _ = server
+    _, tok = smollm
     client = _client(url)
     kwargs = dict(
         model="m",
@@ -155,6 +159,11 @@ def test_a_streamed_request_gives_the_non_streamed_text(server):
         for c in client.completions.create(model="m", prompt="Once upon a time", max_tokens=8, stream=True)
     )
     assert text == streamed and text
+    # OpenAI's include_usage: a last chunk with no choices and the counts; ignore_eos (vLLM's) runs to max_tokens
+    chunks = list(client.completions.create(model="m", prompt="Hi.", max_tokens=40, stream=True, extra_body={
+        "ignore_eos": True}, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+    assert chunks[-1].usage.prompt_tokens == len(tok("Hi.", add_special_tokens=False)["input_ids"])
 
 
 def test_models_and_vectors_are_listed(server):
@@ -241,9 +250,8 @@ def test_conditions_steer_only_the_prompts_they_fire_on(smollm, vectors):
     """CAST in one batch: cooking prompts get the sentiment vector, the others stay exactly unsteered."""
     model, tok = smollm
     condition = cast.Condition.load(vectors / "cooking.condition.safetensors")
-    test_pos, test_neg = cast.bundled("cooking", "test")
-    sims = cast.similarities(model, tok, sk.SteeringVector({condition.layer: condition.direction}), test_pos + test_neg)
-    fired = cast.compare(sims[:, 0], condition.threshold, condition.comparator)
+    test_pos, test_neg = cast.condition_prompts("cooking", "test")
+    fired = condition.predict(model, tok, test_pos + test_neg)
     truth = torch.tensor([True] * len(test_pos) + [False] * len(test_neg))
     assert cast.f1(fired, truth) > 0.8  # held-out prompts, never seen by extraction or the threshold search
     sentiment = sk.SteeringVector.load(vectors / "sentiment.safetensors")
@@ -270,7 +278,7 @@ def test_a_condition_travels_with_a_server_request(server, smollm, vectors):
     client = _client(url)
     condition = cast.Condition.load(vectors / "cooking.condition.safetensors")
     sentiment = sk.SteeringVector.load(vectors / "sentiment.safetensors")
-    pos, neg = cast.bundled("cooking", "test")
+    pos, neg = cast.condition_prompts("cooking", "test")
 
     def ask(prompt, steer):
         extra = {"steering": steer} if steer else {}
@@ -306,7 +314,7 @@ def test_condition_files_round_trip_and_refuse_other_files(vectors, tmp_path):
     with pytest.raises(ValueError, match="finite and non-zero"):
         cast.Condition(torch.zeros(576), 3, 0.1)
     with pytest.raises(FileNotFoundError, match="bundled sets are \\['cooking'\\]"):
-        cast.bundled("baking")
+        cast.condition_prompts("baking")
 
 
 def test_serve_refuses_a_missing_or_empty_vector_folder(tmp_path, capsys, embedded_dir):
@@ -317,3 +325,23 @@ def test_serve_refuses_a_missing_or_empty_vector_folder(tmp_path, capsys, embedd
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["serve", "--vectors", str(folder), "--device", "cpu"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_condition_command_writes_a_condition_generate_uses(tmp_path, capsys, embedded_dir):
+    from steerkit import cli
+
+    out = tmp_path / "cooking.condition.safetensors"
+    cli.main(["condition", "-s", "cooking", "-o", str(out), "--layers", "5-7", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    condition = cast.Condition.load(out)
+    assert condition.layer in (5, 6, 7) and f"val F1 {condition.f1:.3f}" in printed and "test F1" in printed
+    vector = tmp_path / "v.safetensors"
+    sk.SteeringVector({8: torch.ones(576) * 3}).save(vector)
+    prompts = ["-p", "How long should I boil eggs?", "-p", "How do I learn chess?"]
+    cli.main(["generate", "-v", str(vector), *prompts, "--condition", str(out), "--max-new-tokens", "6"])
+    rows = capsys.readouterr().out.split(">>> ")[1:]
+    unsteered, steered = zip(*[[line.split(": ", 1)[1] for line in r.splitlines()[1:3]] for r in rows], strict=True)
+    assert steered[0] != unsteered[0] and steered[1] == unsteered[1]  # only the cooking question is steered
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["condition", "-s", "cooking", "-o", str(tmp_path / "c.safetensors")])
+    assert exit_info.value.code == 2 and "expected a name ending in .condition.safetensors" in capsys.readouterr().err
