@@ -4,7 +4,8 @@ behaviour then land only on them?
 * Condition: pair-centred PCA directions at blocks 2-12 from the bundled cooking set's train split; block,
   threshold and comparison chosen on its val split (``find_condition``); F1 on the test split (18 cooking +
   18 other questions, never used before) with a bootstrap 95% interval. Controls: a random direction of equal
-  norm through the same search, and the trivial "always fires" answer.
+  norm through the same search, and the trivial "always fires" answer. Then 24 hand-written questions phrased
+  unlike the set's templates, to see whether it generalises beyond them.
 * Behaviour: the sentiment vector (layer 8, α=-0.5: the steering-effect bench's setting, chosen on other
   prompts) on the 36 test prompts in one mixed batch, greedy, 40 tokens, VADER sentiment of each completion.
   Per group (cooking / other): unsteered, steered always, steered under the condition, and a random vector of
@@ -34,6 +35,19 @@ from steerkit.steer import completions  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "artifacts" / "cast"
 LAYER, ALPHA, TOKENS, SEARCHED = 8, -0.5, 40, range(2, 13)
+# Questions phrased unlike the bundled set's templates (written by hand, once): does the condition generalise?
+OUT_OF_TEMPLATE = (
+    ["How do I make a fluffy omelette?", "What's a good marinade for lamb chops?", "Why does my pasta stick together?",
+     "How can I tell when a steak is medium rare?", "What is the secret to crispy roast potatoes?",
+     "How do I thicken a soup?", "Can I freeze homemade pizza dough?", "What should I serve with grilled fish?",
+     "How do I stop onions from burning in the pan?",
+     "What's the difference between baking soda and baking powder in a cake?", "How much salt goes in bread dough?",
+     "How do I caramelise onions?"],
+    ["How do I fix a flat tyre?", "What is the capital of Australia?", "How do I write a cover letter?",
+     "Why is the sky blue?", "How do I reset my router?", "What are good stretches for back pain?",
+     "How do I file my taxes?", "What is quantum computing?", "How can I sleep better?",
+     "How do I train my puppy to sit?", "What causes earthquakes?", "How do I change a light bulb?"],
+)  # fmt: skip
 
 
 def bootstrap(values: torch.Tensor, stat=torch.mean, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -67,6 +81,9 @@ def main() -> None:
     truth = torch.tensor([i % 2 == 0 for i in range(len(prompts))])
     fired = condition.predict(model, tok, prompts)
     random_fired = random_condition.predict(model, tok, prompts)
+    ood_pos, ood_neg = OUT_OF_TEMPLATE
+    ood_fired = condition.predict(model, tok, ood_pos + ood_neg)
+    ood_truth = torch.tensor([True] * len(ood_pos) + [False] * len(ood_neg))
 
     sentiment = sk.extract(model, tok, sk.load_pairs("sentiment"), layers=[LAYER])
     v = torch.randn(sentiment.d_model, generator=g)
@@ -110,6 +127,11 @@ def main() -> None:
         "",
         f"On test the condition fires on {int(fired[truth].sum())}/{int(truth.sum())} cooking prompts and "
         f"{int(fired[~truth].sum())}/{int((~truth).sum())} others.",
+        "",
+        f"Out of template ({len(ood_pos)} cooking and {len(ood_neg)} other questions phrased unlike the set's "
+        f"templates): F1 {fmt(f1_interval(ood_fired, ood_truth))}; fires on {int(ood_fired[ood_truth].sum())}/"
+        f"{len(ood_pos)} cooking and {int(ood_fired[~ood_truth].sum())}/{len(ood_neg)} others "
+        f"({[p for p, f in zip(ood_neg, ood_fired[len(ood_pos) :].tolist(), strict=True) if f]}).",
         "",
         f"## The behaviour: sentiment vector, layer {LAYER}, α={ALPHA}, {TOKENS} greedy tokens, all 36 test prompts "
         "in one batch",
