@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,35 +34,12 @@ from steering_effect import NEUTRAL_PROMPTS  # noqa: E402  (bench/ is on sys.pat
 
 import steerkit as sk  # noqa: E402
 from steerkit._io import write_text  # noqa: E402
+from steerkit.serve import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "artifacts" / "serve" / "report.txt"
 # the layer and α of each vector: the steering-effect bench's settings (sentiment, concise), layer 10 otherwise
 VECTORS = {"sentiment": ([8], 0.5), "concise": ([4], 1.0), "reasoning": ([10], 0.5), "truthful": ([10], 0.5)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "steerkit.cli", "serve", "--vectors", str(folder), "--port", str(port),
-           "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", "64"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(480):
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.25)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-    proc.kill()
-    raise RuntimeError("the server did not start within 2 minutes")
 
 
 def one(url: str, prompt: str, steering: list | None, tokens: int) -> tuple[float, float, int]:
@@ -126,7 +101,7 @@ def main() -> None:
         for name, (layers, _) in VECTORS.items():
             sk.extract(model, tok, sk.load_pairs(name), layers=layers).save(folder / f"{name}.safetensors")
         del model
-        proc, url = start_server(folder, max_batch=args.requests)
+        proc, url = launch(folder, "--device", "cpu", "--max-batch", str(args.requests), "--max-queue", "64")
         try:
             names = list(VECTORS)
             prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(args.requests)]

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import queue
+import subprocess
 import threading
 import time
 import uuid
@@ -617,3 +618,30 @@ def serve(model_name: str, vectors: str | Path, host: str = "127.0.0.1", port: i
     log.info("serving %s with vectors %s and conditions %s on http://%s:%d", model_name, sorted(library.vectors),
              sorted(library.conditions), host, port)  # fmt: skip
     uvicorn.run(create_app(engine, str(model_name)), host=host, port=port, log_level="warning")
+
+
+def launch(vectors: str | Path, *args: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``steerkit serve --vectors VECTORS ARGS`` in a subprocess on a free port of 127.0.0.1 and wait until
+    it answers: (the process, its base URL). For notebooks, tests and benchmarks; terminate the process to stop."""
+    import socket
+    import sys
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "steerkit.cli", "serve", "--vectors", str(vectors), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"steerkit serve exited with code {proc.returncode}: {proc.stderr.read().strip()}")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=1):
+                return proc, url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"steerkit serve did not answer within {timeout:g} s")

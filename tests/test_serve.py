@@ -2,13 +2,8 @@
 per-request vectors decoded together, streaming, faults; and CAST conditions in the library and the server."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,15 +11,9 @@ import torch
 
 import steerkit as sk
 from steerkit import condition as cast
+from steerkit.serve import launch
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Describe your morning.", "How was the movie?", "Tell me about your weekend.", "What is rain?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,39 +35,9 @@ def vectors(smollm, tmp_path_factory):
     return folder
 
 
-def _start(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "steerkit.cli",
-        "serve",
-        "--vectors",
-        str(folder),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.25)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-    proc.kill()
-    raise RuntimeError("the server did not start")
-
-
 @pytest.fixture(scope="module")
 def server(vectors):
-    proc, url = _start(vectors, "--max-batch", "8", "--max-queue", "8")
+    proc, url = launch(vectors, "--device", "cpu", "--max-batch", "8", "--max-queue", "8")
     yield url, proc
     proc.terminate()
     proc.wait(timeout=30)
