@@ -30,6 +30,7 @@ from steering_effect import lexicon_score  # noqa: E402  (bench/ is on sys.path 
 import steerkit as sk  # noqa: E402
 from steerkit import condition as cast  # noqa: E402
 from steerkit._io import atomic_path, write_text  # noqa: E402
+from steerkit.evals.stats import bootstrap  # noqa: E402
 from steerkit.models import chat_prompt  # noqa: E402
 from steerkit.steer import completions  # noqa: E402
 
@@ -48,14 +49,6 @@ OUT_OF_TEMPLATE = (
      "How do I file my taxes?", "What is quantum computing?", "How can I sleep better?",
      "How do I train my puppy to sit?", "What causes earthquakes?", "How do I change a light bulb?"],
 )  # fmt: skip
-
-
-def bootstrap(values: torch.Tensor, stat=torch.mean, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(statistic, 2.5th, 97.5th percentile) over ``n`` resamples of the rows of ``values``."""
-    g = torch.Generator().manual_seed(seed)
-    draws = torch.stack([stat(values[torch.randint(len(values), (len(values),), generator=g)]) for _ in range(n)])
-    low, high = torch.quantile(draws.float(), torch.tensor([0.025, 0.975])).tolist()
-    return float(stat(values)), low, high
 
 
 def fmt(ci: tuple[float, float, float], digits: int = 3) -> str:

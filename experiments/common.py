@@ -1,8 +1,7 @@
-"""Shared pieces of the reasoning-transfer experiments: the task split, fine-tuning, sampling, accuracy.
+"""Shared pieces of the reasoning-transfer experiments: where things go, fine-tuning, reports.
 
-The task is one- and two-step add/subtract word problems (``steerkit.evals.tasks.arithmetic``), answered
-right after "The answer is" with no chain of thought. Checkpoints live under ``experiments/.cache``
-(rebuilt by ``experiments/organisms.py``, never committed).
+The task is worked add/subtract word problems (``steerkit.evals.worked``). Checkpoints and cached results live
+under ``experiments/.cache`` (rebuilt by the stage scripts, never committed); reports go to ``ARTIFACTS``.
 """
 
 from __future__ import annotations
@@ -16,41 +15,9 @@ from tqdm.auto import tqdm
 
 from steerkit._io import atomic_path
 from steerkit.batching import pad_batch, pad_id
-from steerkit.evals.tasks import Item, grade, load_task, prompt
-from steerkit.steer import completions
 
 CACHE = Path("experiments/.cache")
 ARTIFACTS = Path("artifacts/reasoning_transfer")
-MAX_NEW = 8
-
-
-def split(n_train: int = 600, n_test: int = 200) -> tuple[list[Item], list[Item]]:
-    """Seeded train / test items, half one-step and half two-step; no test question appears in train."""
-    train = load_task("arithmetic", n=n_train // 2, steps=1, seed=101) + load_task(
-        "arithmetic", n=n_train // 2, steps=2, seed=102
-    )
-    seen = {item.question for item in train}
-    test = [
-        item
-        for item in load_task("arithmetic", n=n_test // 2, steps=1, seed=201)
-        + load_task("arithmetic", n=n_test // 2, steps=2, seed=202)
-        if item.question not in seen
-    ]
-    return train, test
-
-
-def complete(
-    model, tok, prompts: list[str], do_sample: bool = False, batch_size: int = 32, bf16: bool = False, **kwargs
-) -> list[str]:
-    """Continuations of ``MAX_NEW`` tokens (greedy unless ``do_sample``); ``bf16``: under bf16 autocast."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return completions(model, tok, prompts, MAX_NEW, batch_size, do_sample=do_sample, **kwargs)
-
-
-def accuracy(model, tok, items: list[Item]) -> dict:
-    """Greedy free-form accuracy on ``items``."""
-    outs = complete(model, tok, [prompt(tok, it) for it in items])
-    return grade(outs, items)
 
 
 def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float, seed: int, batch_size: int = 16):

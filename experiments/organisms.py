@@ -1,14 +1,14 @@
-"""Model organisms: an SFT and an RL checkpoint of SmolLM2-135M-Instruct from the same initialisation.
+"""Stage 1: model organisms from one start M0 (the embedded model): SFT on gold worked solutions and GRPO on
+the same training questions, three seeds each, update norms matched within 2x.
 
-SFT: supervised on the answers of the training split ("The answer is 17." and the end-of-turn token).
-RL: expert iteration, i.e. best-of-N rejection sampling on the verified reward, repeated: each round samples
-the current policy at temperature 1 on every training question (8 samples in round 1, 4 later), keeps the
-correct samples and fine-tunes the current policy on them. No answer the model did not produce itself is
-ever shown to it. Both organisms start from the embedded model and see the same questions.
-Writes experiments/.cache/{sft,rl} (not committed) and artifacts/reasoning_transfer/organisms.{md,json,png}.
+Each run is cached under ``experiments/.cache/organisms/{kind}-{seed}`` (checkpoint + training log) and each
+evaluation under ``experiments/.cache/eval``, so the stage can be run in pieces of under 30 minutes:
 
-    .venv/bin/python experiments/organisms.py          # both organisms
-    .venv/bin/python experiments/organisms.py rl       # only the RL one (the SFT one from the cache)
+    .venv/bin/python experiments/organisms.py grpo 0     # one GRPO seed
+    .venv/bin/python experiments/organisms.py sft 0      # one SFT seed
+    .venv/bin/python experiments/organisms.py report     # evaluate what exists, write the report
+
+The task (number ranges, prompt, budget) is the one the gate chose (``artifacts/reasoning_transfer/task.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,113 +27,149 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, accuracy, complete, finetune, split, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, finetune, write_report  # noqa: E402
+from grpo import GRPOConfig, train  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
-from steerkit.evals.tasks import prompt, score  # noqa: E402
+from steerkit._io import write_text  # noqa: E402
+from steerkit.evals.stats import bootstrap, paired_bootstrap  # noqa: E402
+from steerkit.evals.worked import HARD_SPLITS, TaskConfig, grade_worked, render, score_worked, worked_splits  # noqa: E402
 from steerkit.sae.tune import save_checkpoint  # noqa: E402
+from steerkit.steer import completions  # noqa: E402
 
-SFT_EPOCHS, SFT_LR = 2, 2e-5
-RL_EPOCHS, RL_LR, RL_SAMPLES = 4, 1e-4, (8, 4, 4)  # samples per question in each round
-SEED = 0
+SEEDS = (0, 1, 2)
+GRPO = GRPOConfig(steps=45, questions=8, group=8, lr=1e-5, beta=0.04, temperature=0.8)
+SFT_EPOCHS, SFT_LR = 1, 1e-5
+RUNS = CACHE / "organisms"
 
 
-def train_sft(base, tok, train) -> dict:
+def task() -> tuple[dict, dict[str, list], list]:
+    """The gate's task: its description, the one-step splits and the two-step test split."""
+    spec = json.loads((ARTIFACTS / "task.json").read_text())
+    config = TaskConfig(**spec["config"])
+    return spec, worked_splits(1, config), worked_splits(2, config, HARD_SPLITS)["test"]
+
+
+def update_norm(model, start) -> float:
+    """‖θ − θ₀‖ over every parameter (float32)."""
+    return float(sum(((p.float() - q.float()) ** 2).sum() for p, q in zip(model.parameters(), start.parameters(),
+                                                                           strict=True)) ** 0.5)  # fmt: skip
+
+
+def run(kind: str, seed: int) -> None:
+    out = RUNS / f"{kind}-{seed}"
+    if (out / "train.json").is_file():
+        print(f"{out} exists: delete it to rerun")
+        return
+    spec, splits, _ = task()
+    m0, tok = sk.load_model("smollm2-135m-instruct")
+    model = copy.deepcopy(m0)
+    train_items = splits["train"]
+    prompts = [render(tok, it, spec["example"]) for it in train_items]
     start = time.perf_counter()
-    sft = copy.deepcopy(base)
-    answers = [(prompt(tok, it), f"{it.answer}.{tok.eos_token}") for it in train]
-    loss = finetune(sft, tok, answers, SFT_EPOCHS, SFT_LR, SEED)
-    save_checkpoint(sft, tok, CACHE / "sft", force=True)
-    return {"sft_loss": loss, "sft_seconds": time.perf_counter() - start}
+    if kind == "grpo":
+        config = GRPOConfig(**{**asdict(GRPO), "seed": seed, "budget": spec["budget"]})
+
+        def reward(i: int, text: str, finished: bool) -> float:
+            return float(score_worked(text, finished, train_items[i]).correct)
+
+        log = {"config": asdict(config), "history": train(model, m0, tok, prompts, reward, config)}
+    elif kind == "sft":
+        pairs = [(p, it.meta["solution"] + tok.eos_token) for p, it in zip(prompts, train_items, strict=True)]
+        log = {"epochs": SFT_EPOCHS, "lr": SFT_LR, "losses": finetune(model, tok, pairs, SFT_EPOCHS, SFT_LR, seed)}
+    else:
+        raise SystemExit(f"unknown organism {kind!r}: expected grpo or sft")
+    log.update(seconds=time.perf_counter() - start, update_norm=update_norm(model, m0))
+    save_checkpoint(model, tok, out / "model", force=True)
+    write_text(json.dumps(log, indent=1), out / "train.json", force=True)
+    print(f"{kind} seed {seed}: {log['seconds']:.0f} s, update norm {log['update_norm']:.3f}")
 
 
-def train_rl(base, tok, train, test) -> dict:
-    """Expert iteration; sampling runs under bf16 autocast (2.2x faster here), training as for SFT."""
-    start = time.perf_counter()
-    policy = copy.deepcopy(base)
-    rounds = []
-    for number, samples in enumerate(RL_SAMPLES):
-        torch.manual_seed(SEED + number)
-        prompts = [prompt(tok, it) for it in train for _ in range(samples)]
-        texts = complete(policy, tok, prompts, do_sample=True, temperature=1.0, top_k=0, batch_size=128, bf16=True)
-        kept: dict[tuple[int, str], None] = {}  # (question index, correct completion), in order, no repeats
-        for n, text in enumerate(texts):
-            if score(text, train[n // samples])[0]:
-                kept[(n // samples, text)] = None
-        own = [(prompt(tok, train[i]), text + tok.eos_token) for i, text in kept]
-        loss = finetune(policy, tok, own, RL_EPOCHS, RL_LR, SEED + number)
-        rounds.append({
-            "samples": len(texts), "correct": len(kept), "sample_accuracy": sum(
-                score(t, train[n // samples])[0] for n, t in enumerate(texts)) / len(texts),
-            "questions_solved": len({i for i, _ in kept}), "loss": loss,
-            "test_after": accuracy(policy, tok, test), "seconds": time.perf_counter() - start,
-        })  # fmt: skip
-        print(f"round {number + 1}: {rounds[-1]['correct']} kept, test {rounds[-1]['test_after']['accuracy']:.3f}")
-    save_checkpoint(policy, tok, CACHE / "rl", force=True)
-    return {"rl_rounds": rounds, "rl_seconds": time.perf_counter() - start}
+def evaluate(name: str, model, tok, items, split: str, example: str, budget: int) -> dict:
+    """Greedy generations of the budget on ``items``, graded; cached per (model, split)."""
+    path = CACHE / "eval" / f"{name}-{split}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    outs = completions(model, tok, [render(tok, it, example) for it in items], budget, 64, return_finished=True)
+    result = grade_worked([t for t, _ in outs], [f for _, f in outs], items)
+    result["examples"] = [t for t, _ in outs[:5]]
+    write_text(json.dumps(result), path, force=True)
+    return result
 
 
-def main(stages: list[str]) -> None:
-    unknown = set(stages) - {"sft", "rl"}
-    if unknown:
-        raise SystemExit(f"unknown stage(s) {sorted(unknown)}: expected sft and/or rl")
-    stages = stages or ["sft", "rl"]
-    previous = ARTIFACTS / "organisms.json"
-    report = json.loads(previous.read_text()) if previous.is_file() else {}
-    if "sft" not in stages and not (CACHE / "sft" / "config.json").is_file():
-        raise SystemExit(f"no {CACHE / 'sft'}: run with the sft stage first")
-    base, tok = sk.load_model("smollm2-135m-instruct")
-    train, test = split()
-    report.update(train_items=len(train), test_items=len(test))
-    if "sft" in stages:
-        report.update(train_sft(base, tok, train))
-    if "rl" in stages:
-        report.update(train_rl(base, tok, train, test))
-    for name in ("base", "sft", "rl"):
-        model = base if name == "base" else sk.load_model(CACHE / name)[0]
-        report[f"{name}_test"] = accuracy(model, tok, test)
-        report[f"{name}_train"] = accuracy(model, tok, train[:200])
+def ci(values) -> str:
+    mean, low, high = bootstrap([float(v) for v in values])
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
-    rounds = report["rl_rounds"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.plot(range(len(rounds) + 1), [report["base_test"]["accuracy"]] + [r["test_after"]["accuracy"] for r in rounds],
-            "o-", label="RL (expert iteration), greedy test accuracy")  # fmt: skip
-    ax.plot(range(1, len(rounds) + 1), [r["sample_accuracy"] for r in rounds], "s--",
-            label="correct samples (T = 1, train) in the round")  # fmt: skip
-    ax.axhline(report["sft_test"]["accuracy"], color="gray", ls=":", label="SFT, greedy test accuracy")
-    ax.set(xlabel="RL round", ylabel="accuracy", title="model organisms")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    plots.save_figure(fig, ARTIFACTS / "organisms.png", force=True)
+
+def signed(interval: tuple[float, float, float]) -> str:
+    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*interval)
+
+
+def report() -> None:
+    spec, splits, hard = task()
+    m0, tok = sk.load_model("smollm2-135m-instruct")
+    names = ["m0"] + sorted(p.name for p in RUNS.glob("*-*") if (p / "train.json").is_file())
+    evals, logs = {}, {}
+    for name in names:
+        model = m0 if name == "m0" else sk.load_model(RUNS / name / "model")[0]
+        if name != "m0":
+            logs[name] = json.loads((RUNS / name / "train.json").read_text())
+        for split, items in (("val", splits["val"]), ("test", splits["test"]), ("hard", hard)):
+            evals[name, split] = evaluate(name, model, tok, items, split, spec["example"], spec["budget"])
     lines = [
-        "# Model organisms",
+        "# Stage 1: model organisms",
         "",
-        f"{len(train)} training and {len(test)} test questions (one- and two-step add/subtract, no chain of thought).",
-        f"SFT: {SFT_EPOCHS} epochs on the answers, lr {SFT_LR}, {report['sft_seconds']:.0f} s.",
-        f"RL (expert iteration): {len(rounds)} rounds of sampling the current policy at temperature 1 "
-        f"({', '.join(map(str, RL_SAMPLES))} samples per question), keeping the correct samples and fine-tuning "
-        f"on them ({RL_EPOCHS} epochs, lr {RL_LR}); {report['rl_seconds']:.0f} s in all.",
+        f"Start M0: smollm2-135m-instruct. Training questions: {len(splits['train'])} one-step items. "
+        f"Greedy decoding, budget {spec['budget']} new tokens, first-answer scorer (truncated = wrong).",
+        f"GRPO: {GRPO.steps} steps x {GRPO.questions} questions x {GRPO.group} samples at T = {GRPO.temperature}, "
+        f"lr {GRPO.lr}, beta (KL to M0) {GRPO.beta}, reward = exact answer. SFT: {SFT_EPOCHS} epoch(s) on the gold "
+        f"worked solutions, lr {SFT_LR}.",
+        "Intervals: 95% bootstrap over items; differences to M0 paired on items.",
         "",
-        "| RL round | samples | correct samples | questions solved | test accuracy after |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {n + 1} | {r['samples']} | {r['correct']} ({r['sample_accuracy']:.3f}) | {r['questions_solved']} "
-            f"| {r['test_after']['accuracy']:.3f} |"
-            for n, r in enumerate(rounds)
-        ),  # fmt: skip
-        "",
-        "| model | test accuracy | train accuracy (200) | unparsed (test) |",
-        "|---|---|---|---|",
+        "| model | update norm | minutes | val (200) | test (1000) | test - M0 (paired) | two-step test (500) "
+        "| truncated (test) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("base", "sft", "rl"):
-        t, r = report[f"{name}_test"], report[f"{name}_train"]
-        lines.append(
-            f"| {name} | {t['accuracy']:.3f} ({t['correct']}/{t['n']}) | {r['accuracy']:.3f} | {t['unparsed']} |"
+    base_test = evals["m0", "test"]["correct"]
+    for name in names:
+        val, test, hard_r = evals[name, "val"], evals[name, "test"], evals[name, "hard"]
+        log = logs.get(name, {})
+        diff = (
+            "-" if name == "m0" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired_bootstrap(test["correct"], base_test))
         )
-    lines += ["", "![organisms](organisms.png)", "", "Reproduce: `.venv/bin/python experiments/organisms.py`", ""]
-    write_report("organisms", report, lines)
+        lines.append(
+            f"| {name} | {log.get('update_norm', 0):.2f} | {log.get('seconds', 0) / 60:.1f} | {ci(val['correct'])} "
+            f"| {ci(test['correct'])} | {diff} | {ci(hard_r['correct'])} | {test['truncated']:.3f} |"
+        )
+    for kind in ("sft", "grpo"):
+        runs = [n for n in names if n.startswith(kind)]
+        if len(runs) > 1:
+            accs = torch.tensor([evals[n, "test"]["accuracy"] for n in runs])
+            lines.append(f"\n{kind}: test accuracy over {len(runs)} seeds {accs.mean():.3f} +- {accs.std():.3f} (s.d.)")
+    grpo_runs = [n for n in names if n.startswith("grpo")]
+    if grpo_runs:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        for n in grpo_runs:
+            rewards = torch.tensor([h["reward"] for h in logs[n]["history"]])
+            smooth = torch.nn.functional.avg_pool1d(rewards[None, None], 5, 1, 2, count_include_pad=False)[0, 0]
+            ax.plot(smooth, label=f"{n} (5-step mean)")
+        ax.set(xlabel="GRPO step", ylabel="mean reward of the samples", title="GRPO training reward")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        plots.save_figure(fig, ARTIFACTS / "organisms.png", force=True)
+        lines += ["", "![GRPO reward](organisms.png)"]
+    lines += ["", "Reproduce: `.venv/bin/python experiments/organisms.py {grpo,sft} SEED`, then `... report`.", ""]
+    data = {"evals": {f"{n}/{s}": r for (n, s), r in evals.items()}, "logs": logs}
+    write_report("organisms", data, lines)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args == ["report"]:
+        report()
+    elif len(args) == 2 and args[1].isdigit():
+        run(args[0], int(args[1]))
+    else:
+        raise SystemExit("usage: organisms.py {grpo,sft} SEED | organisms.py report")

@@ -171,11 +171,19 @@ def _render(tok, prompt: str, chat: bool, system: str | None = None) -> str:
     return chat_prompt(tok, prompt, system) if chat and getattr(tok, "chat_template", None) else prompt
 
 
-def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, **gen_kwargs) -> list[str]:
-    """Completions of rendered prompts, left-padded batches (pad_batch: works without a pad token too)."""
+def completions(
+    model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, return_finished: bool = False, **gen_kwargs
+) -> list[str] | list[tuple[str, bool]]:
+    """Completions of rendered prompts, left-padded batches (pad_batch: works without a pad token too).
+
+    With ``num_return_sequences`` in ``gen_kwargs`` a prompt's samples are consecutive. ``return_finished``:
+    (text, ended with an end-of-sequence token) pairs, so a scorer can tell an answer cut off by the budget.
+    """
     out = []
     device = arch.input_device(model)
     ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    eos = gen_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = torch.tensor(eos if isinstance(eos, list) else [tok.eos_token_id if eos is None else eos])
     for start in range(0, len(prompts), batch_size):
         input_ids, mask, _ = pad_batch(ids[start : start + batch_size], pad_id(tok), "left")
         with torch.no_grad():
@@ -185,8 +193,10 @@ def completions(model, tok, prompts: list[str], max_new_tokens: int, batch_size:
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id(tok),
                 **gen_kwargs,
-            )
-        out += tok.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+            )[:, input_ids.shape[1] :].cpu()
+        texts = tok.batch_decode(generated, skip_special_tokens=True)
+        finished = torch.isin(generated, eos).any(1).tolist()
+        out += list(zip(texts, finished, strict=True)) if return_finished else texts
     return out
 
 

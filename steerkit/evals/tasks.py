@@ -172,7 +172,10 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 def parse_answer(text: str, numeric: bool) -> str | None:
-    """The final number (or word) in a completion, lower-cased; None when there is none."""
+    """The final number (or word) in a completion, lower-cased; None when there is none.
+
+    The last number depends on how long the model keeps talking: for worked answers in generated text use
+    ``steerkit.evals.worked.first_answer``, which reads the first stated answer and knows truncation."""
     found = _NUMBER.findall(text.replace(",", "")) if numeric else _WORD.findall(text)
     if not found:
         return None

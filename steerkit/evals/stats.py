@@ -1,0 +1,50 @@
+"""Intervals and tests for per-item results: bootstrap, paired bootstrap, McNemar, pass@k."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def bootstrap(
+    values: torch.Tensor | Sequence[float], stat: Callable = torch.mean, n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(statistic, 2.5th, 97.5th percentile) over ``n`` resamples of the rows of ``values``."""
+    if not isinstance(values, torch.Tensor):
+        values = torch.tensor(values, dtype=torch.float32)
+    if len(values) == 0:
+        raise ValueError("bootstrap of no values")
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.stack([stat(values[torch.randint(len(values), (len(values),), generator=g)]) for _ in range(n)])
+    low, high = torch.quantile(draws.float(), torch.tensor([0.025, 0.975])).tolist()
+    return float(stat(values)), low, high
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over the same items with its 95% bootstrap interval (items resampled together)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired results of different lengths: {len(a)} and {len(b)}")
+    return bootstrap(torch.tensor(a, dtype=torch.float32) - torch.tensor(b, dtype=torch.float32), n=n, seed=seed)
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired correct/incorrect results (binomial on discordant items)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired results of different lengths: {len(a)} and {len(b)}")
+    only_a = sum(bool(x) and not bool(y) for x, y in zip(a, b, strict=True))
+    only_b = sum(bool(y) and not bool(x) for x, y in zip(a, b, strict=True))
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` correct among ``n`` samples (Chen et al. 2021): 1 − C(n−c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
