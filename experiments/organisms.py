@@ -4,8 +4,9 @@ the same training questions, three seeds each, update norms matched within 2x.
 Each run is cached under ``experiments/.cache/organisms/{kind}-{seed}`` (checkpoint + training log) and each
 evaluation under ``experiments/.cache/eval``, so the stage can be run in pieces of under 30 minutes:
 
-    .venv/bin/python experiments/organisms.py grpo 0     # one GRPO seed
-    .venv/bin/python experiments/organisms.py sft 0      # one SFT seed
+    .venv/bin/python experiments/organisms.py grpo 0     # one GRPO seed (about 30 minutes)
+    .venv/bin/python experiments/organisms.py sft-lr     # SFT seed 0 at each candidate lr; choose one
+    .venv/bin/python experiments/organisms.py sft 1      # another SFT seed at the chosen lr
     .venv/bin/python experiments/organisms.py report     # evaluate what exists, write the report
 
 The task (number ranges, prompt, budget) is the one the gate chose (``artifacts/reasoning_transfer/task.json``).
@@ -40,8 +41,9 @@ from steerkit.steer import completions  # noqa: E402
 
 SEEDS = (0, 1, 2)
 GRPO = GRPOConfig(steps=45, questions=8, group=8, lr=1e-5, beta=0.04, temperature=0.8)
-SFT_EPOCHS, SFT_LR = 1, 1e-5
+SFT_EPOCHS, SFT_LRS = 1, (3e-6, 6e-6)  # lr candidates: update norm within 2x of GRPO seed 0, then best val
 RUNS = CACHE / "organisms"
+USAGE = "organisms.py grpo SEED | organisms.py sft-lr | organisms.py sft SEED | organisms.py report"
 
 
 def task() -> tuple[dict, dict[str, list], list]:
@@ -57,11 +59,19 @@ def update_norm(model, start) -> float:
                                                                            strict=True)) ** 0.5)  # fmt: skip
 
 
-def run(kind: str, seed: int) -> None:
-    out = RUNS / f"{kind}-{seed}"
+def sft_lr() -> float:
+    path = RUNS / "sft_lr.json"
+    if not path.is_file():
+        raise SystemExit("no SFT learning rate chosen yet: run `organisms.py grpo 0`, then `organisms.py sft-lr`")
+    return json.loads(path.read_text())["chosen"]
+
+
+def run(kind: str, seed: int, lr: float | None = None) -> Path:
+    """Train one organism into ``RUNS/{kind}-{seed}`` (an SFT lr candidate: ``RUNS/sft-lr{lr}-{seed}``)."""
+    out = RUNS / (f"{kind}-{seed}" if lr is None else f"{kind}-lr{lr:g}-{seed}")
     if (out / "train.json").is_file():
         print(f"{out} exists: delete it to rerun")
-        return
+        return out
     spec, splits, _ = task()
     m0, tok = sk.load_model("smollm2-135m-instruct")
     model = copy.deepcopy(m0)
@@ -77,13 +87,39 @@ def run(kind: str, seed: int) -> None:
         log = {"config": asdict(config), "history": train(model, m0, tok, prompts, reward, config)}
     elif kind == "sft":
         pairs = [(p, it.meta["solution"] + tok.eos_token) for p, it in zip(prompts, train_items, strict=True)]
-        log = {"epochs": SFT_EPOCHS, "lr": SFT_LR, "losses": finetune(model, tok, pairs, SFT_EPOCHS, SFT_LR, seed)}
+        lr = sft_lr() if lr is None else lr
+        log = {"epochs": SFT_EPOCHS, "lr": lr, "losses": finetune(model, tok, pairs, SFT_EPOCHS, lr, seed)}
     else:
         raise SystemExit(f"unknown organism {kind!r}: expected grpo or sft")
     log.update(seconds=time.perf_counter() - start, update_norm=update_norm(model, m0))
     save_checkpoint(model, tok, out / "model", force=True)
     write_text(json.dumps(log, indent=1), out / "train.json", force=True)
     print(f"{kind} seed {seed}: {log['seconds']:.0f} s, update norm {log['update_norm']:.3f}")
+    return out
+
+
+def select_sft_lr() -> None:
+    """Train SFT seed 0 at each candidate lr; keep those whose update norm is within 2x of GRPO seed 0's and
+    choose the best on validation; the chosen run becomes ``sft-0``."""
+    grpo_norm = json.loads((RUNS / "grpo-0" / "train.json").read_text())["update_norm"]
+    spec, splits, _ = task()
+    tok = sk.load_model("smollm2-135m-instruct")[1]
+    rows = []
+    for lr in SFT_LRS:
+        out = run("sft", 0, lr)
+        val = evaluate(out.name, sk.load_model(out / "model")[0], tok, splits["val"], "val", spec["example"],
+                       spec["budget"])  # fmt: skip
+        norm = json.loads((out / "train.json").read_text())["update_norm"]
+        rows.append({"lr": lr, "update_norm": norm, "ratio_to_grpo": norm / grpo_norm, "val": val["accuracy"]})
+    eligible = [r for r in rows if 0.5 <= r["ratio_to_grpo"] <= 2.0]
+    if not eligible:
+        raise SystemExit(f"no SFT lr gives an update norm within 2x of GRPO's {grpo_norm:.3f}: {rows}")
+    chosen = max(eligible, key=lambda r: r["val"])["lr"]
+    (RUNS / f"sft-lr{chosen:g}-0").rename(RUNS / "sft-0")
+    (CACHE / "eval" / f"sft-lr{chosen:g}-0-val.json").rename(CACHE / "eval" / "sft-0-val.json")
+    write_text(json.dumps({"grpo_norm": grpo_norm, "candidates": rows, "chosen": chosen}, indent=1),
+               RUNS / "sft_lr.json", force=True)  # fmt: skip
+    print(f"SFT lr {chosen:g}: {rows}")
 
 
 def evaluate(name: str, model, tok, items, split: str, example: str, budget: int) -> dict:
@@ -110,7 +146,7 @@ def signed(interval: tuple[float, float, float]) -> str:
 def report() -> None:
     spec, splits, hard = task()
     m0, tok = sk.load_model("smollm2-135m-instruct")
-    names = ["m0"] + sorted(p.name for p in RUNS.glob("*-*") if (p / "train.json").is_file())
+    names = ["m0"] + sorted(p.name for p in RUNS.glob("*-*") if (p / "train.json").is_file() and "-lr" not in p.name)
     evals, logs = {}, {}
     for name in names:
         model = m0 if name == "m0" else sk.load_model(RUNS / name / "model")[0]
@@ -125,7 +161,8 @@ def report() -> None:
         f"Greedy decoding, budget {spec['budget']} new tokens, first-answer scorer (truncated = wrong).",
         f"GRPO: {GRPO.steps} steps x {GRPO.questions} questions x {GRPO.group} samples at T = {GRPO.temperature}, "
         f"lr {GRPO.lr}, beta (KL to M0) {GRPO.beta}, reward = exact answer. SFT: {SFT_EPOCHS} epoch(s) on the gold "
-        f"worked solutions, lr {SFT_LR}.",
+        f"worked solutions, lr {sft_lr():g}, chosen among {', '.join(f'{c:g}' for c in SFT_LRS)}: update norm within "
+        "2x of GRPO seed 0's, then the best validation accuracy (table below).",
         "Intervals: 95% bootstrap over items; differences to M0 paired on items.",
         "",
         "| model | update norm | minutes | val (200) | test (1000) | test - M0 (paired) | two-step test (500) "
@@ -136,9 +173,7 @@ def report() -> None:
     for name in names:
         val, test, hard_r = evals[name, "val"], evals[name, "test"], evals[name, "hard"]
         log = logs.get(name, {})
-        diff = (
-            "-" if name == "m0" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired_bootstrap(test["correct"], base_test))
-        )
+        diff = "-" if name == "m0" else signed(paired_bootstrap(test["correct"], base_test))
         lines.append(
             f"| {name} | {log.get('update_norm', 0):.2f} | {log.get('seconds', 0) / 60:.1f} | {ci(val['correct'])} "
             f"| {ci(test['correct'])} | {diff} | {ci(hard_r['correct'])} | {test['truncated']:.3f} |"
@@ -148,6 +183,11 @@ def report() -> None:
         if len(runs) > 1:
             accs = torch.tensor([evals[n, "test"]["accuracy"] for n in runs])
             lines.append(f"\n{kind}: test accuracy over {len(runs)} seeds {accs.mean():.3f} +- {accs.std():.3f} (s.d.)")
+    selection = json.loads((RUNS / "sft_lr.json").read_text())
+    lines += ["", "SFT learning rate (seed 0, validation):", "", "| lr | update norm | / GRPO seed 0's | val |"]
+    lines += ["|---|---|---|---|"]
+    lines += [f"| {r['lr']:g} | {r['update_norm']:.2f} | {r['ratio_to_grpo']:.2f} | {r['val']:.3f} |"
+              for r in selection["candidates"]]  # fmt: skip
     grpo_runs = [n for n in names if n.startswith("grpo")]
     if grpo_runs:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -169,7 +209,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args == ["report"]:
         report()
+    elif args == ["sft-lr"]:
+        select_sft_lr()
     elif len(args) == 2 and args[1].isdigit():
         run(args[0], int(args[1]))
     else:
-        raise SystemExit("usage: organisms.py {grpo,sft} SEED | organisms.py report")
+        raise SystemExit(f"usage: {USAGE}")

@@ -1,5 +1,6 @@
 """Checkpoint I/O, task vectors, merge and bake, on tiny checkpoints written to disk and on the embedded model."""
 
+import copy
 import json
 
 import pytest
@@ -102,7 +103,7 @@ def test_task_vector_between_and_stats(trio, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_equals_direct_computation(tmp_path, tok, dtype):
-    base = _save(make_tiny("llama", len(tok)), tmp_path / "base", dtype)
+    base = _save(copy.deepcopy(make_tiny("llama", len(tok))), tmp_path / "base", dtype)
     a = _perturbed("llama", len(tok), 1, dtype=dtype, tmp=tmp_path, name="a")
     b = _perturbed("llama", len(tok), 2, dtype=dtype, tmp=tmp_path, name="b")
     tv = sk.TaskVector.between(a, b)
@@ -119,6 +120,23 @@ def test_merge_equals_direct_computation(tmp_path, tok, dtype):
     assert "0.7" in (out / "README.md").read_text()
     for f in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / f).is_file() == (base / f).is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_to_equals_merge_in_memory(trio, tmp_path, tok, dtype):
+    _, a, b = trio
+    base = _save(copy.deepcopy(make_tiny("llama", len(tok))), tmp_path / "base_in_dtype", dtype)
+    tv = sk.TaskVector.between(a, b)
+    merged = AutoModelForCausalLM.from_pretrained(sk.merge(base, [(tv, 0.7)], tmp_path / "merged"), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    assert tv.add_to(model, 0.7) is model
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name  # the same arithmetic, tied tensors once
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="alpha=inf"):
+        tv.add_to(model, float("inf"))
+    with pytest.raises(ValueError, match="has no tensor"):
+        tv.add_to(torch.nn.Linear(2, 2))
 
 
 def test_zero_alpha_is_bit_identical_and_plus_minus_returns(trio, tmp_path):

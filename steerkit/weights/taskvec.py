@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from steerkit._checks import finite
 from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -159,6 +160,27 @@ class TaskVector:
             for layer, sq in squares.items()
         }
         return {"tensors": per_tensor, "layers": layers}
+
+    @torch.no_grad()
+    def add_to(self, model: torch.nn.Module, alpha: float = 1.0) -> torch.nn.Module:
+        """θ ← θ + α·δ on a loaded model, in place (float32 arithmetic, the parameter's dtype kept): the
+        in-memory counterpart of ``merge`` for sweeps over α. Tied tensors are updated once."""
+        finite(alpha, "alpha")
+        params = model.state_dict(keep_vars=True)
+        missing = [name for name in self.deltas if name not in params]
+        if missing:
+            raise ValueError(f"the model has no tensor {missing[0]!r} ({len(missing)} of the vector's are missing)")
+        seen = set()
+        for name in self.deltas:
+            target = params[name]
+            if target.data_ptr() in seen:  # a tied copy (lm_head = embed_tokens): already moved
+                continue
+            seen.add(target.data_ptr())
+            delta = self.deltas[name]
+            if tuple(delta.shape) != tuple(target.shape):
+                raise ValueError(f"{name}: delta shape {tuple(delta.shape)} vs the model's {tuple(target.shape)}")
+            target.copy_((target.float() + alpha * delta.to(target.device)).to(target.dtype))
+        return model
 
     def save(self, out: str | os.PathLike, force: bool = False, max_shard_size: int | str = "5GB") -> Path:
         """Write the deltas as a checkpoint directory; ``task_vector.json`` names the sources and their hashes."""
