@@ -200,7 +200,7 @@ def report() -> None:
         fig.tight_layout()
         plots.save_figure(fig, ARTIFACTS / "organisms.png", force=True)
         lines += ["", "![GRPO reward](organisms.png)"]
-    lines += ["", "Reproduce: `.venv/bin/python experiments/organisms.py {grpo,sft} SEED`, then `... report`.", ""]
+    lines += ["", f"Reproduce: `.venv/bin/python experiments/{USAGE}` (in that order).", ""]
     data = {"evals": {f"{n}/{s}": r for (n, s), r in evals.items()}, "logs": logs}
     write_report("organisms", data, lines)
 
