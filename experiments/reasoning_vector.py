@@ -137,14 +137,14 @@ def report() -> None:
         f"documents (lr {m1_log['lr']}; ‖θ_M1 − θ_M0‖ = {m1_log['distance_to_m0']:.2f}). "
         f"Validation accuracy: M0 {m0_val['accuracy']:.3f}, M1 {m1_val['accuracy']:.3f}.",
         f"α chosen on validation (mean over seeds {choice['seeds']}): "
-        + ", ".join(f"{a:+g}: {m:.3f}" for a, m in choice["val_means"].items())
+        + ", ".join(f"{float(a):+g}: {m:.3f}" for a, m in choice["val_means"].items())
         + f" (M1 alone {m1_val['accuracy']:.3f}) → α = {alpha:+g}, frozen before test.",
         "",
-        f"Test (1000 items): M1 {m1_test['accuracy']:.3f}. Differences to M1, paired on items: mean [95% bootstrap], "
-        "McNemar p.",
+        f"Test (1000 items): M1 {m1_test['accuracy']:.3f} (truncated {m1_test['truncated']:.3f}). Each cell: accuracy, "
+        "difference to M1 paired on items (mean [95% bootstrap]), McNemar p, truncation rate.",
         "",
-        f"| seed | M1 + {alpha:+g}·v | M1 − v | control M1 + {alpha:+g}·Δ_GRPO | control M1 + {alpha:+g}·Δ_SFT "
-        f"| control M1 + {alpha:+g}·random |",
+        f"| seed | M1 + {alpha:g}·v | M1 − v | control M1 + {alpha:g}·Δ_GRPO | control M1 + {alpha:g}·Δ_SFT "
+        f"| control M1 + {alpha:g}·random |",
         "|---|---|---|---|---|---|",
     ]
     rows = {}
@@ -153,8 +153,9 @@ def report() -> None:
         for key in (f"v{alpha:+g}", "v-1", f"delta_grpo{alpha:+g}", f"delta_sft{alpha:+g}", f"random{alpha:+g}"):
             r = load(f"rv{seed}-{key}", "test")
             diff = paired_bootstrap(r["correct"], m1_test["correct"])
-            rows[seed, key] = {"accuracy": r["accuracy"], "diff": diff, "p": mcnemar(r["correct"], m1_test["correct"])}
-            cells.append(f"{r['accuracy']:.3f}, {signed(diff)}, p {rows[seed, key]['p']:.2g}")
+            p = mcnemar(r["correct"], m1_test["correct"])
+            rows[seed, key] = {"accuracy": r["accuracy"], "diff": diff, "p": p, "truncated": r["truncated"]}
+            cells.append(f"{r['accuracy']:.3f}, {signed(diff)}, p {p:.2g}, trunc. {r['truncated']:.3f}")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for seed in choice["seeds"]:
