@@ -5,10 +5,12 @@ import math
 import re
 
 import pytest
+import torch
 
-from steerkit.evals.stats import bootstrap, mcnemar, paired_bootstrap, pass_at_k
+from steerkit.evals.stats import auroc_null, bootstrap, mcnemar, paired_bootstrap, pass_at_k
 from steerkit.evals.tasks import Item
 from steerkit.evals.worked import (
+    SYSTEM,
     TaskConfig,
     first_answer,
     grade_worked,
@@ -104,6 +106,21 @@ def test_prompt_has_the_example_and_no_forced_prefix(tok):
     assert len(messages(item, "system")) == 2
     with pytest.raises(ValueError, match="'turn' or 'system'"):
         messages(item, "user")
+    concise = render(tok, item, system="Be brief.")
+    assert "Be brief." in concise and SYSTEM not in concise and concise.endswith(text[-200:])
+
+
+def test_auroc_null_separates_signal_from_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: torch.randn(40, generator=g)  # noqa: E731
+    shared = noise()  # each pair's members share a question: a common part the null must not mistake for signal
+    observed, p, null = auroc_null(shared + 1.5 + noise(), shared + noise(), n=200)
+    assert observed > 0.65 and p < 0.01 and len(null) == 200
+    assert 0.4 < sum(null) / len(null) < 0.6
+    observed, p, _ = auroc_null(shared + noise(), shared + noise(), n=200)
+    assert p > 0.05
+    with pytest.raises(ValueError, match="equal 1-D"):
+        auroc_null([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
 def test_trivial_baselines_hand_values():

@@ -1,4 +1,5 @@
-"""Intervals and tests for per-item results: bootstrap, paired bootstrap, McNemar, pass@k."""
+"""Intervals and tests for per-item results: bootstrap, paired bootstrap, McNemar, pass@k, paired
+held-out AUROC against a pair-swap null."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+from steerkit.extract import auroc
 
 
 def bootstrap(
@@ -48,3 +51,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def auroc_null(
+    pos: torch.Tensor | Sequence[float], neg: torch.Tensor | Sequence[float], n: int = 1000, seed: int = 0
+) -> tuple[float, float, list[float]]:
+    """AUROC of paired held-out scores (``pos[i]``, ``neg[i]`` from one pair), its permutation p-value, and the
+    null AUROCs.
+
+    The null swaps the two members of each pair at random, which leaves their distribution unchanged when the
+    score cannot tell them apart; the direction that made the scores must come from other pairs.
+    """
+    pos, neg = torch.as_tensor(pos, dtype=torch.float32), torch.as_tensor(neg, dtype=torch.float32)
+    if pos.ndim != 1 or pos.shape != neg.shape or len(pos) < 2:
+        raise ValueError(f"need two equal 1-D score vectors of >= 2 pairs: got {tuple(pos.shape)}, {tuple(neg.shape)}")
+    observed = auroc(pos, neg)
+    g = torch.Generator().manual_seed(seed)
+    null = []
+    for _ in range(n):
+        swap = torch.rand(len(pos), generator=g) < 0.5
+        null.append(auroc(torch.where(swap, neg, pos), torch.where(swap, pos, neg)))
+    p = (1 + sum(x >= observed for x in null)) / (1 + n)
+    return observed, p, null

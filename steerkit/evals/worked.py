@@ -85,26 +85,26 @@ def worked_splits(
     return out
 
 
-def messages(item: Item | str, example: str = "turn") -> list[dict]:
-    """The chat: instruction, the solved example, the question. ``example="turn"`` puts the example in a
-    user/assistant exchange before the question, ``"system"`` inside the system prompt."""
+def messages(item: Item | str, example: str = "turn", system: str = SYSTEM) -> list[dict]:
+    """The chat: instruction (``system``), the solved example, the question. ``example="turn"`` puts the example
+    in a user/assistant exchange before the question, ``"system"`` inside the system prompt."""
     question = item.question if isinstance(item, Item) else item
     if example == "system":
-        system = f"{SYSTEM}\nExample:\nQuestion: {EXAMPLE[0]}\nAnswer: {EXAMPLE[1]}"
+        system = f"{system}\nExample:\nQuestion: {EXAMPLE[0]}\nAnswer: {EXAMPLE[1]}"
         return [{"role": "system", "content": system}, {"role": "user", "content": question}]
     if example != "turn":
         raise ValueError(f"example={example!r}: expected 'turn' or 'system'")
     return [
-        {"role": "system", "content": SYSTEM},
+        {"role": "system", "content": system},
         {"role": "user", "content": EXAMPLE[0]},
         {"role": "assistant", "content": EXAMPLE[1]},
         {"role": "user", "content": question},
     ]
 
 
-def render(tok, item: Item | str, example: str = "turn") -> str:
+def render(tok, item: Item | str, example: str = "turn", system: str = SYSTEM) -> str:
     """``messages`` through the chat template, the assistant turn opened and left empty."""
-    return tok.apply_chat_template(messages(item, example), tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages(item, example, system), tokenize=False, add_generation_prompt=True)
 
 
 _ANSWER = re.compile(r"The answer is\s*(-?\d[\d,]*)")
