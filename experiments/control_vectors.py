@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -119,6 +120,23 @@ def own_pairs(kind: str, tok, counts: dict | None = None) -> list[sk.Pair]:
     return held_out(by_question, prompts)
 
 
+def error_kinds(texts: list[str], items) -> dict[str, int]:
+    """How the answers went wrong: the first calculation written uses the wrong operation, the right operation
+    miscomputed, or no calculation at all (one-step items only)."""
+    counts = {"correct": 0, "wrong operation": 0, "wrong arithmetic": 0, "no calculation": 0}
+    for item, text in zip(items, texts, strict=True):
+        a, b = (int(x) for x in re.findall(r"\d+", item.question)[:2])
+        op = "+" if int(item.answer) == a + b else "-"
+        m = re.search(r"\d+\s*([+-])\s*\d+\s*=\s*-?\d+", text)
+        if score_worked(text, True, item).correct:
+            counts["correct"] += 1
+        elif m is None:
+            counts["no calculation"] += 1
+        else:
+            counts["wrong operation" if m[1] != op else "wrong arithmetic"] += 1
+    return counts
+
+
 def directions(model, tok, pairs: list[sk.Pair]) -> tuple[sk.SteeringVector, dict]:
     """Mean-difference vector at ``LAYERS`` and, per layer, held-out AUROC with its bootstrap interval and
     permutation p-value (1000 random swaps within the held-out pairs)."""
@@ -207,6 +225,7 @@ def reasoning() -> None:
     for a in REASONING_ALPHAS:
         val[a] = run(f"reasoning-val{a:+g}", model, tok, splits["val"], v, a, keep_first=True)
     kls = {a: (0.0 if a == 0 else first_kl(f"reasoning-val{a:+g}", "m0-val")) for a in val}
+    kinds = {a: error_kinds(val[a]["texts"], splits["val"]) for a in val}
     choice = frozen("reasoning_alpha", lambda: {"layer": layer, "alpha": max(REASONING_ALPHAS,
                                                 key=lambda a: val[a]["accuracy"])})  # fmt: skip
     alpha = choice["alpha"]
@@ -247,11 +266,13 @@ def reasoning() -> None:
         "",
         f"Steering layer {layer} (best held-out AUROC). Validation (200 items), greedy, budget {spec['budget']}:",
         "",
-        "| α | accuracy [95%] | truncated | first-token KL to M0 | first-token entropy |",
-        "|---|---|---|---|---|",
+        "| α | accuracy [95%] | truncated | first-token KL to M0 | first-token entropy | errors: wrong operation / "
+        "wrong arithmetic / no calculation |",
+        "|---|---|---|---|---|---|",
         *(
             f"| {a:+g} | {ci(val[a]['correct'])} | {val[a]['truncated']:.3f} | {kls[a]:.4f} "
-            f"| {sum(val[a]['entropy']) / len(val[a]['entropy']):.3f} |"
+            f"| {sum(val[a]['entropy']) / len(val[a]['entropy']):.3f} | {kinds[a]['wrong operation']} / "
+            f"{kinds[a]['wrong arithmetic']} / {kinds[a]['no calculation']} |"
             for a in alphas
         ),  # fmt: skip
         "",
@@ -269,9 +290,10 @@ def reasoning() -> None:
         "Reproduce: `.venv/bin/python experiments/control_vectors.py samples`, then `... reasoning`.",
         "",
     ]
+    val_rows = {a: {"accuracy": val[a]["accuracy"], "truncated": val[a]["truncated"], "kl": kls[a], "errors": kinds[a]}
+                for a in alphas}  # fmt: skip
     data = {"pairs": len(pairs), "n_train": n_train, "n_test": n_test, "auroc": stats, "layer": layer,
-            "alpha": alpha, "val": {a: {k: val[a][k] for k in ("accuracy", "truncated")} | {"kl": kls[a]}
-                                    for a in alphas}, "test": rows, "m0_test": m0_test["accuracy"]}  # fmt: skip
+            "alpha": alpha, "val": val_rows, "test": rows, "m0_test": m0_test["accuracy"]}  # fmt: skip
     write_report("reasoning_control", data, lines)
 
 
@@ -302,12 +324,12 @@ def efficiency() -> None:
     bundled = sk.SteeringVector({layer: bundled[layer] / bundled[layer].norm() * v[layer].norm()})
     runs = {
         "M0": run("m0-test500", model, tok, items),
-        f"M0 + {alpha:+g}·v (own pairs)": run(f"efficiency-test{alpha:+g}", model, tok, items, v, alpha),
+        f"M0 + {alpha:g}·v (own pairs)": run(f"efficiency-test{alpha:+g}", model, tok, items, v, alpha),
         '"Be concise." in the instruction': run("concise-prompt-test500", model, tok, items, system=CONCISE_SYSTEM),
-        f"M0 + {alpha:+g}·random (equal norm)": run(
+        f"M0 + {alpha:g}·random (equal norm)": run(
             f"efficiency-random-test{alpha:+g}", model, tok, items, random_like(v, layer), alpha
         ),  # fmt: skip
-        f"M0 + {alpha:+g}·bundled concise (equal norm)": run(
+        f"M0 + {alpha:g}·bundled concise (equal norm)": run(
             f"efficiency-bundled-test{alpha:+g}", model, tok, items, bundled, alpha
         ),  # fmt: skip
     }
