@@ -152,8 +152,8 @@ def directions(model, tok, pairs: list[sk.Pair]) -> tuple[sk.SteeringVector, dic
         v = diffs.mean(0)
         pos_scores, neg_scores = test_pos @ v, test_neg @ v
         observed, p, null = auroc_null(pos_scores, neg_scores)
-        pairs = torch.stack([pos_scores, neg_scores], 1)  # bootstrap resamples held-out pairs, not texts
-        _, low, high = bootstrap(pairs, stat=lambda s: torch.tensor(auroc(s[:, 0], s[:, 1])))
+        held = torch.stack([pos_scores, neg_scores], 1)  # bootstrap resamples held-out pairs, not texts
+        _, low, high = bootstrap(held, stat=lambda s: torch.tensor(auroc(s[:, 0], s[:, 1])))
         null95 = float(torch.quantile(torch.tensor(null), 0.95))
         stats[layer] = {"auroc": observed, "low": low, "high": high, "p": p, "null95": null95, "norm": float(v.norm())}
         vecs[layer] = v
