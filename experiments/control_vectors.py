@@ -170,8 +170,8 @@ def run(
     name: str, model, tok, items, vector=None, alpha: float = 0.0, system: str = SYSTEM, keep_first: bool = False
 ) -> dict:
     """Greedy generations of the budget on ``items`` (steered by α·vector when given), graded, with token
-    lengths and first-token entropy; cached under ``HERE/{name}.json`` (``keep_first``: the first-token
-    log-probabilities too, in ``{name}.first.pt``, for the KL to another run)."""
+    lengths; cached under ``HERE/{name}.json``. ``keep_first``: also the first-token entropy, and the
+    first-token log-probabilities in ``{name}.first.pt`` for the KL to another run."""
     path = HERE / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -180,13 +180,13 @@ def run(
     steering = sk.steer(model, vector, alpha) if vector is not None else contextlib.nullcontext()
     with steering:
         outs = completions(model, tok, prompts, spec["budget"], 64, return_finished=True)
-        first = next_token_logprobs(model, tok, prompts, 32)
+        first = next_token_logprobs(model, tok, prompts, 32) if keep_first else None
     texts = [t for t, _ in outs]
     result = grade_worked(texts, [f for _, f in outs], items)
     result["lengths"] = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    result["entropy"] = entropy(first).tolist()
     result["texts"] = texts
     if keep_first:
+        result["entropy"] = entropy(first).tolist()
         with atomic_path(HERE / f"{name}.first.pt", force=True) as tmp:
             torch.save(first, tmp)
     write_text(json.dumps(result), path, force=True)
