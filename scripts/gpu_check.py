@@ -124,10 +124,13 @@ def small_checks(device: torch.device, tok, corpus, table: Table, work: Path) ->
     settings = dict(d_sae=256, k=8, tokens=8192, ctx_len=64, batch_size=256, buffer_tokens=2048, progress=False)
     saes = [sk.train_sae(m, tok, corpus, 2, **settings) for m in (cpu, dev)]
     ev = [s.training_log[-1]["explained_variance"] for s in saes]
-    table.add("train_sae", "|Δ explained variance|", abs(ev[0] - ev[1]), 0.05)
+    table.add("train_sae", "abs. Δ explained variance", abs(ev[0] - ev[1]), 0.05)
     scores = [sk.evaluate_sae(m, tok, saes[0], 2, corpus, tokens=2048, progress=False) for m in (cpu, dev)]
     table.add(
-        "evaluate_sae", "|Δ CE recovered|", abs(scores[0]["ce_loss_recovered"] - scores[1]["ce_loss_recovered"]), 0.05
+        "evaluate_sae",
+        "abs. Δ CE recovered",
+        abs(scores[0]["ce_loss_recovered"] - scores[1]["ce_loss_recovered"]),
+        0.05,
     )
     spliced = []
     for m in (cpu, dev):
@@ -159,6 +162,7 @@ def big_checks(device: torch.device, tok, corpus, table: Table, work: Path, sae_
     params = sum(p.numel() for p in model.parameters()) / 1e9
     texts = [t + " " + u for t in TEXTS for u in TEXTS] * 4  # 256 texts of ~130 tokens
     layer = BIG["num_hidden_layers"] // 2
+    sk.capture(model, tok, texts[:32], [layer], batch_size=32)  # warm-up: CUDA context, kernels, allocator
     seconds, _ = timed(lambda: sk.capture(model, tok, texts, [layer], batch_size=32), device)
     n_tokens = sum(len(ids) for ids in tok(texts)["input_ids"])
     rows = {r[0]: i for i, r in enumerate(table.rows)}
@@ -170,14 +174,22 @@ def big_checks(device: torch.device, tok, corpus, table: Table, work: Path, sae_
     note("capture", f"{n_tokens / seconds:,.0f} tok/s ({params:.2f}B params)")
     seconds, vec = timed(lambda: sk.extract(model, tok, sk.load_pairs("sentiment"), layers=[layer]), device)
     note("extract", f"{seconds:.1f} s, 70 pairs")
-    gen = {}
-    for batch in (1, 32):
-        prompts = (TEXTS * 4)[:batch]
-        for steered in (False, True):
-            context = sk.steer(model, vec, alpha=1.0) if steered else torch.no_grad()
-            with context:
-                seconds, _ = timed(lambda p=prompts: sk.generate(model, tok, p, max_new_tokens=32, chat=False), device)
-            gen[batch, steered] = batch * 32 / seconds
+    gen: dict[tuple[int, bool], list[float]] = {}
+    for _ in range(3):  # interleaved rounds after a warm-up round at each batch size; the median is reported
+        for batch in (1, 32):
+            prompts = (TEXTS * 4)[:batch]
+            for steered in (False, True):
+                context = sk.steer(model, vec, alpha=1.0) if steered else torch.no_grad()
+                with context:
+                    run = lambda p=prompts, b=batch: sk.generate(  # noqa: E731
+                        model, tok, p, max_new_tokens=32, min_new_tokens=32, chat=False, batch_size=b
+                    )
+                    if (batch, steered) not in gen:
+                        run()
+                        gen[batch, steered] = []
+                    seconds, _ = timed(run, device)
+                gen[batch, steered].append(batch * 32 / seconds)
+    gen = {key: sorted(rates)[1] for key, rates in gen.items()}
     ratios = {b: gen[b, True] / gen[b, False] for b in (1, 32)}
     note(
         "steer",
