@@ -8,7 +8,7 @@ import torch
 
 from steerkit.batching import pad_batch, pad_id
 from steerkit.capture import Recorder
-from steerkit.data.corpus import Corpus
+from steerkit.data.corpus import Corpus, load_corpus
 from steerkit.sae import evaluate_sae, load_sae, splice, train_sae
 from steerkit.sae.splice import reconstruct
 from steerkit.sae.train import block_activations
@@ -234,6 +234,28 @@ def test_evaluate_known_saes(tiny_llama_module, tok, default_corpus):
     assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
     assert zero["l0"] == 0 and zero["dead_fraction"] == 1.0 and zero["explained_variance"] < 0.05
     assert zero["latent_frequency"].shape == (64,) and zero["ce_loss_clean"] == pytest.approx(exact["ce_loss_clean"])
+
+
+def test_evaluate_on_separate_texts(tiny_llama_module, tok, trained):
+    """Each text is its own row: padding is never scored, so batching cannot change a metric."""
+    texts = ["Two plus three is five.", "The cat sat on the mat and looked out at the rain.", "Hi there, you"]
+    kwargs = dict(progress=False, texts=texts)
+    batched = evaluate_sae(tiny_llama_module, tok, trained[1], 1, batch_size=3, **kwargs)
+    single = evaluate_sae(tiny_llama_module, tok, trained[1], 1, batch_size=1, **kwargs)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert batched["tokens"] == single["tokens"] == sum(n - 1 for n in lengths)
+    for key in ("explained_variance", "ce_loss_clean", "ce_loss_spliced", "kl_spliced", "l0"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-4), key
+    ids = torch.tensor([tok(texts[1], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = tiny_llama_module(input_ids=ids).logits[0, 1:-1]
+    own = torch.nn.functional.cross_entropy(logits.float(), ids[0, 2:])
+    alone = evaluate_sae(tiny_llama_module, tok, _exact_sae(), 1, texts=texts[1:2], progress=False)
+    assert alone["ce_loss_clean"] == pytest.approx(float(own), rel=1e-5) and alone["kl_score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="corpus or texts"):
+        evaluate_sae(tiny_llama_module, tok, trained[1], 1, corpus=load_corpus("default"), texts=texts)
+    with pytest.raises(ValueError, match="at least 3 tokens; bad at \\[1\\]"):
+        evaluate_sae(tiny_llama_module, tok, trained[1], 1, texts=["a longer text here", "a"], progress=False)
 
 
 def test_evaluate_trained_sae(tiny_llama_module, tok, default_corpus, trained):

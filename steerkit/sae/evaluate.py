@@ -9,6 +9,8 @@ taken from the second position on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit.backends import fingerprint
+from steerkit.batching import pad_batch, pad_id
 from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus, load_corpus
 from steerkit.sae.io import check_sae, load_sae, on_device, recorded_max_norm, sae_layer
@@ -44,9 +47,13 @@ def evaluate_sae(
     batch_size: int = 16,
     max_norm: float | None = None,
     progress: bool = True,
+    texts: Sequence[str] | None = None,
 ) -> dict:
     """Metrics of ``sae`` at block ``layer`` (default: from its hook name) on ``corpus``' held-out split (default:
-    the embedded corpus), about ``tokens`` tokens.
+    the embedded corpus), about ``tokens`` tokens, packed into rows of ``ctx_len``.
+
+    ``texts`` instead scores each text as its own row (right-padded, padding never scored), every one of them:
+    the setting where an SAE is used on prompts, rather than the packed text it was trained on.
 
     Returns floats ``explained_variance``, ``mse`` (per element), ``l0``, ``dead_fraction`` (never fired
     on these tokens), ``dense_fraction`` (fired on > 10%), ``ce_loss_clean`` / ``_spliced`` / ``_zero``,
@@ -57,9 +64,23 @@ def evaluate_sae(
     sae = load_sae(sae)
     check_sae(sae, model)
     layer = arch.validate_layer(sae_layer(sae, layer), fingerprint(model)["num_hidden_layers"])
-    corpus = corpus if corpus is not None else load_corpus("default")
+    if texts is not None and corpus is not None:
+        raise ValueError("pass corpus or texts, not both")
+    corpus = corpus if corpus is not None or texts is not None else load_corpus("default")
     ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
     device = arch.input_device(model)
+    if texts is not None:
+        rows = [tok(t, add_special_tokens=False)["input_ids"][:ctx_len] if isinstance(t, str) else None for t in texts]
+        bad = [i for i, row in enumerate(rows) if row is None or len(row) < 3]
+        if not rows or bad:
+            raise ValueError(f"texts: expected strings of at least 3 tokens; bad at {bad[:5] or 'empty list'}")
+        tokens = sum(len(row) - 1 for row in rows)
+        starts = range(0, len(rows), batch_size)
+        batches = (pad_batch(rows[i : i + batch_size], pad_id(tok), "right")[:2] for i in starts)
+        source = f"{len(rows)} texts"
+    else:
+        batches = ((b, torch.ones_like(b)) for b in corpus.batches(tok, ctx_len, batch_size, "heldout"))
+        source = f"corpus {corpus.name!r}"
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     sums = {"sq_err": 0.0, "sq": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
     sums.update(kl_sae=0.0, kl_zero=0.0)
@@ -67,13 +88,15 @@ def evaluate_sae(
     n_acts = n_preds = outliers = 0
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
     bar = tqdm(total=tokens, unit="tok", desc=f"evaluating SAE at layer {layer}", disable=not progress)
-    for batch in corpus.batches(tok, ctx_len, batch_size, "heldout"):
+    for ids, mask in batches:
         if n_acts >= tokens:
             break
-        ids = batch.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        real, scored = mask[:, 1:].bool(), mask[:, 2:].bool()  # activations after the first token; predictions
+        run = dict(input_ids=ids, attention_mask=mask, use_cache=False)
         with Recorder(model, [layer]) as rec:
-            clean = model(input_ids=ids, use_cache=False).logits[:, 1:-1]
-        x = rec[layer][:, 1:].reshape(-1, sae.cfg.d_in).float()
+            clean = model(**run).logits[:, 1:-1][scored]
+        x = rec[layer][:, 1:][real.to(rec[layer].device)].float()
         sae = on_device(sae, x.device)  # moved once, on the first batch, when the block computes elsewhere
         inlier = x.norm(dim=-1) <= (max_norm or float("inf"))
         outliers += int((~inlier).sum())
@@ -88,22 +111,22 @@ def evaluate_sae(
         fires += active.sum(0).cpu()
         n_acts += x.shape[0]
 
-        targets = ids[:, 2:]
+        targets = ids[:, 2:][scored]
         clean_logp = F.log_softmax(clean.float(), dim=-1)
         sums["ce_clean"] += float(-clean_logp.gather(-1, targets.unsqueeze(-1)).sum())
         with splice(model, sae, layer, max_norm=max_norm):
-            ce, kl = _ce_and_kl(model(input_ids=ids, use_cache=False).logits[:, 1:-1], clean_logp, targets)
+            ce, kl = _ce_and_kl(model(**run).logits[:, 1:-1][scored], clean_logp, targets)
         sums["ce_sae"] += ce
         sums["kl_sae"] += kl
         with replace_output(model, layer, torch.zeros_like, max_norm=max_norm):
-            ce, kl = _ce_and_kl(model(input_ids=ids, use_cache=False).logits[:, 1:-1], clean_logp, targets)
+            ce, kl = _ce_and_kl(model(**run).logits[:, 1:-1][scored], clean_logp, targets)
         sums["ce_zero"] += ce
         sums["kl_zero"] += kl
         n_preds += targets.numel()
         bar.update(x.shape[0])
     bar.close()
     if n_acts == 0:
-        raise ValueError(f"corpus {corpus.name!r} gave no held-out tokens to evaluate on")
+        raise ValueError(f"{source} gave no held-out tokens to evaluate on")
     total_var = sums["sq"] - float(x_sum.pow(2).sum()) / n_acts
     ce_clean, ce_sae, ce_zero = (sums[k] / n_preds for k in ("ce_clean", "ce_sae", "ce_zero"))
     kl_sae, kl_zero = sums["kl_sae"] / n_preds, sums["kl_zero"] / n_preds
