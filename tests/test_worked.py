@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from steerkit.evals.stats import auroc_null, bootstrap, mcnemar, paired_bootstrap, pass_at_k
+from steerkit.evals.stats import auroc_null, bootstrap, gain_recovered, mcnemar, paired_bootstrap, pass_at_k
 from steerkit.evals.tasks import Item
 from steerkit.evals.worked import (
     SYSTEM,
@@ -150,6 +150,21 @@ def test_mcnemar_and_paired_bootstrap():
     mean, low, high = paired_bootstrap([1.0] * 30 + [0.0] * 70, [0.0] * 100)
     assert mean == pytest.approx(0.3) and low < 0.3 < high and low > 0.15
     assert bootstrap([0.0, 1.0] * 50, seed=1) == bootstrap([0.0, 1.0] * 50, seed=1)
+
+
+def test_gain_recovered():
+    base = [0.0] * 100
+    reference = [1.0] * 40 + [0.0] * 60  # +0.40 over the base
+    treated = [1.0] * 10 + [0.0] * 90  # +0.10: a quarter of the gain
+    point, low, high = gain_recovered(treated, base, reference)
+    assert point == pytest.approx(0.25) and 0.1 < low < 0.25 < high < 0.45
+    assert gain_recovered(reference, base, reference)[:2] == pytest.approx((1.0, 1.0))
+    wide = gain_recovered(treated[::4], base[::4], reference[::4])  # a quarter of the items: a wider interval
+    assert wide[2] - wide[1] > high - low
+    with pytest.raises(ValueError, match="does not beat the base"):
+        gain_recovered(treated, reference, base)
+    with pytest.raises(ValueError, match="different lengths"):
+        gain_recovered(treated, base[:50], reference)
 
 
 def test_completions_report_whether_each_row_finished(tiny_llama, tok):

@@ -1,5 +1,5 @@
-"""Intervals and tests for per-item results: bootstrap, paired bootstrap, McNemar, pass@k, paired
-held-out AUROC against a pair-swap null."""
+"""Intervals and tests for per-item results: bootstrap, paired bootstrap, fraction of a gain recovered, McNemar,
+pass@k, paired held-out AUROC against a pair-swap null."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ def paired_bootstrap(
     if len(a) != len(b):
         raise ValueError(f"paired results of different lengths: {len(a)} and {len(b)}")
     return bootstrap(torch.tensor(a, dtype=torch.float32) - torch.tensor(b, dtype=torch.float32), n=n, seed=seed)
+
+
+def gain_recovered(
+    treated: Sequence[float], base: Sequence[float], reference: Sequence[float], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean(treated) − mean(base)) / (mean(reference) − mean(base)) on the same items, with its 95% bootstrap
+    interval (items resampled together): the fraction of the reference's gain over the base that ``treated``
+    recovers. Raises ValueError when the reference does not beat the base (the fraction has no meaning)."""
+    if not len(treated) == len(base) == len(reference):
+        raise ValueError(f"paired results of different lengths: {len(treated)}, {len(base)}, {len(reference)}")
+    rows = torch.tensor([list(r) for r in zip(treated, base, reference, strict=True)], dtype=torch.float64)
+    gain = float(rows[:, 2].mean() - rows[:, 1].mean())
+    if gain <= 0:
+        raise ValueError(f"the reference does not beat the base (by {gain:+.3f}): no gain to recover")
+
+    def fraction(v: torch.Tensor) -> torch.Tensor:
+        return (v[:, 0].mean() - v[:, 1].mean()) / (v[:, 2].mean() - v[:, 1].mean())
+
+    return bootstrap(rows, stat=fraction, n=n, seed=seed)
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
