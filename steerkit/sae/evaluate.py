@@ -52,8 +52,9 @@ def evaluate_sae(
     """Metrics of ``sae`` at block ``layer`` (default: from its hook name) on ``corpus``' held-out split (default:
     the embedded corpus), about ``tokens`` tokens, packed into rows of ``ctx_len``.
 
-    ``texts`` instead scores each text as its own row (right-padded, padding never scored), every one of them:
-    the setting where an SAE is used on prompts, rather than the packed text it was trained on.
+    ``texts`` instead scores each text as its own row (cut at ``ctx_len`` tokens, right-padded, padding never
+    scored), every one of them: the setting where an SAE is used on prompts, rather than the packed text it was
+    trained on.
 
     Returns floats ``explained_variance``, ``mse`` (per element), ``l0``, ``dead_fraction`` (never fired
     on these tokens), ``dense_fraction`` (fired on > 10%), ``ce_loss_clean`` / ``_spliced`` / ``_zero``,
