@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import ARTIFACTS, CACHE, write_report  # noqa: E402
 from organisms import RUNS, ci, evaluate, signed, task  # noqa: E402
+from reasoning_vector import load  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit._io import write_text  # noqa: E402
@@ -146,10 +147,11 @@ def fidelity() -> dict:
     saes = sorted(p.name for p in (HERE / "sae").glob("*") if (p / "training_log.json").is_file())
     for host in ("grpo-0", "m0"):
         model, tok = sk.load_model(organism(host))
+        texts = val_texts(tok)
         for name in saes:
             key = f"{name} in {host}"
             if key not in result:
-                metrics = sk.evaluate_sae(model, tok, HERE / "sae" / name, LAYER, texts=val_texts(tok))
+                metrics = sk.evaluate_sae(model, tok, HERE / "sae" / name, LAYER, texts=texts)
                 metrics.pop("latent_frequency")
                 result[key] = metrics
                 write_text(json.dumps(result, indent=1), path, force=True)
@@ -157,12 +159,17 @@ def fidelity() -> dict:
     return result
 
 
+def run_name(sae: str | None, loss: str, lr: float, seed: int) -> str:
+    """The cache name of one tuned model (``loss`` "splice": M0 with ``sae`` spliced in, nothing trained)."""
+    return f"splice-{sae}" if loss == "splice" else f"st-{sae or 'none'}-{loss}-lr{lr:g}-s{seed}"
+
+
 def tuned(sae: str | None, loss: str, lr: float, split: str, seed: int = 0) -> dict:
     """Accuracy on ``split`` of M0 SAE-tuned with ``sae`` (None: LoRA-SFT), cached with the training log."""
-    name = f"st-{sae or 'none'}-{loss}-lr{lr:g}-s{seed}"
+    name = run_name(sae, loss, lr, seed)
     spec, splits, _ = task()
-    cached, saved = CACHE / "eval" / f"{name}-{split}.json", HERE / "models" / name
-    if not cached.is_file():
+    saved = HERE / "models" / name
+    if load(name, split) is None:
         if saved.is_dir():
             model, tok = sk.load_model(saved)
         else:
@@ -176,7 +183,7 @@ def tuned(sae: str | None, loss: str, lr: float, split: str, seed: int = 0) -> d
             save_checkpoint(model, tok, saved, force=True)
             write_text(json.dumps(log), HERE / "runs" / f"{name}.json", force=True)
         evaluate(name, model, tok, splits[split], split, spec["example"], spec["budget"])
-    return json.loads(cached.read_text()) | {"name": name}
+    return load(name, split) | {"name": name}
 
 
 def choose_lr() -> dict:
@@ -195,8 +202,8 @@ def choose_lr() -> dict:
 def spliced(sae: str, split: str) -> dict:
     """Accuracy on ``split`` of M0 with ``sae`` spliced in at ``LAYER`` and nothing trained (cached)."""
     spec, splits, _ = task()
-    name = f"splice-{sae}"
-    if not (CACHE / "eval" / f"{name}-{split}.json").is_file():
+    name = run_name(sae, "splice", 0.0, 0)
+    if load(name, split) is None:
         m0, tok = sk.load_model("smollm2-135m-instruct")
         with splice(m0, HERE / "sae" / sae, LAYER):
             evaluate(name, m0, tok, splits[split], split, spec["example"], spec["budget"])
@@ -224,10 +231,6 @@ def test(seed: int) -> None:
         else:
             result = tuned(sae, loss, lrs[loss], "test", seed)
         print(f"{result['name']}: test {result['accuracy']:.3f}")
-
-
-def load(name: str, split: str) -> dict:
-    return json.loads((CACHE / "eval" / f"{name}-{split}.json").read_text())
 
 
 def report() -> None:
@@ -271,9 +274,8 @@ def report() -> None:
         lines.append(f"| {loss} | " + ", ".join(f"{lr}: {a:.3f}" for lr, a in accs.items()) + f" | {lrs[loss]:g} |")
     lines.append(f"\nM0 on validation: {m0_val['accuracy']:.3f}.")
     for sae in ("grpo-0", "m0"):
-        if (CACHE / "eval" / f"splice-{sae}-val.json").is_file():
-            accuracy = load(f"splice-{sae}", "val")["accuracy"]
-            lines.append(f"M0 with the {sae} SAE spliced in, no tuning: {accuracy:.3f}.")
+        if (r := load(f"splice-{sae}", "val")) is not None:
+            lines.append(f"M0 with the {sae} SAE spliced in, no tuning: {r['accuracy']:.3f}.")
     data: dict = {"lr": lrs, "fidelity": fid, "seeds": {}}
     bars = []
     for seed in seeds:
@@ -291,12 +293,10 @@ def report() -> None:
         ]
         rows = {}
         for label, (sae, loss) in conditions(seed).items():
-            name = f"splice-{sae}" if loss == "splice" else f"st-{sae or 'none'}-{loss}-lr{lrs[loss]:g}-s{seed}"
-            path = CACHE / "eval" / f"{name}-test.json"
-            if not path.is_file():
+            r = load(run_name(sae, loss, lrs.get(loss, 0.0), seed), "test")
+            if r is None:
                 lines.append(f"| {label} | not run | | | | |")
                 continue
-            r = json.loads(path.read_text())
             diff = paired_bootstrap(r["correct"], m0["correct"])
             frac = gain_recovered(r["correct"], m0["correct"], grpo["correct"])
             rows[label] = {"accuracy": r["accuracy"], "minus_m0": diff, "gain_recovered": frac,
