@@ -157,6 +157,11 @@ def report() -> None:
             rows[seed, key] = {"accuracy": r["accuracy"], "diff": diff, "p": p, "truncated": r["truncated"]}
             cells.append(f"{r['accuracy']:.3f}, {signed(diff)}, p {p:.2g}, trunc. {r['truncated']:.3f}")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    if len(seeds) > 1:
+        keys = (f"v{alpha:+g}", "v-1", f"delta_grpo{alpha:+g}", f"delta_sft{alpha:+g}", f"random{alpha:+g}")
+        spread = [torch.tensor([rows[s, k]["diff"][0] for s in seeds]) for k in keys]
+        lines.append(f"| mean ± s.d. of − M1 over {len(seeds)} seeds | "
+                     + " | ".join(f"{d.mean():+.3f} ± {d.std():.3f}" for d in spread) + " |")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for seed in choice["seeds"]:
         accs = [load(f"rv{seed}-v{a:+g}", "val")["accuracy"] for a in ALPHAS]

@@ -140,22 +140,26 @@ def val_texts(tok) -> list[str]:
     return [render(tok, it, spec["example"]) + it.meta["solution"] for it in splits["val"]]
 
 
+def hosts(sae: str) -> tuple[str, str]:
+    """Where an SAE's fidelity is measured: its GRPO organism (GRPO-0 for the M0 and prose SAEs), then M0."""
+    return (sae if sae.startswith("grpo-") else "grpo-0", "m0")
+
+
 def fidelity() -> dict:
-    """Each SAE's metrics on the validation prompts + gold solutions (one row each), in GRPO-0 and in M0."""
+    """Each SAE's metrics on the validation prompts + gold solutions (one row each), in its ``hosts``."""
     path = HERE / "fidelity.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     saes = sorted(p.name for p in (HERE / "sae").glob("*") if (p / "training_log.json").is_file())
-    for host in ("grpo-0", "m0"):
+    todo = [(host, name) for name in saes for host in hosts(name) if f"{name} in {host}" not in result]
+    for host in sorted({host for host, _ in todo}):
         model, tok = sk.load_model(organism(host))
         texts = val_texts(tok)
-        for name in saes:
-            key = f"{name} in {host}"
-            if key not in result:
-                metrics = sk.evaluate_sae(model, tok, HERE / "sae" / name, LAYER, texts=texts)
-                metrics.pop("latent_frequency")
-                result[key] = metrics
-                write_text(json.dumps(result, indent=1), path, force=True)
-                print(f"{key}: EV {metrics['explained_variance']:.3f}, KL {metrics['kl_spliced']:.3f}")
+        for name in [name for h, name in todo if h == host]:
+            metrics = sk.evaluate_sae(model, tok, HERE / "sae" / name, LAYER, texts=texts)
+            metrics.pop("latent_frequency")
+            result[f"{name} in {host}"] = metrics
+            write_text(json.dumps(result, indent=1), path, force=True)
+            print(f"{name} in {host}: EV {metrics['explained_variance']:.3f}, KL {metrics['kl_spliced']:.3f}")
     return result
 
 
@@ -254,8 +258,8 @@ def report() -> None:
         "",
         "## SAEs",
         "",
-        "| SAE | minutes | task tokens | train EV (last) | dead (last) | EV / KL spliced / CE rec. in GRPO-0 "
-        "| EV / KL spliced / CE rec. in M0 |",
+        "| SAE | minutes | task tokens | train EV (last) | dead (last) | EV / KL spliced / CE rec. in its GRPO "
+        "organism (GRPO-0 for m0, prose) | EV / KL spliced / CE rec. in M0 |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in sorted(p.name for p in (HERE / "sae").glob("*") if (p / "training_log.json").is_file()):
@@ -263,7 +267,7 @@ def report() -> None:
         meta = json.loads((HERE / "sae" / f"{name}.json").read_text())
         cells = [
             f"{m['explained_variance']:.3f} / {m['kl_spliced']:.3f} / {m['ce_loss_recovered']:.3f}"
-            for m in (fid[f"{name} in grpo-0"], fid[f"{name} in m0"])
+            for m in (fid[f"{name} in {host}"] for host in hosts(name))
         ]
         lines.append(
             f"| {name} | {meta['seconds'] / 60:.1f} | {meta['task_token_fraction']:.1%} | "
@@ -307,6 +311,17 @@ def report() -> None:
             )
             bars.append((f"{label.split(' (')[0]}\nseed {seed}", diff))
         data["seeds"][seed] = rows
+    if len(seeds) > 1:
+        lines += ["", f"## Over seeds {seeds}", "", "| condition | seeds run | − M0, mean ± s.d. | of GRPO's gain, "
+                  "mean ± s.d. |", "|---|---|---|---|"]  # fmt: skip
+        for i, label in enumerate(conditions(seeds[0])):
+            runs = [data["seeds"][s][lab] for s in seeds for lab in [list(conditions(s))[i]] if lab in data["seeds"][s]]
+            if len(runs) > 1:
+                diff = torch.tensor([r["minus_m0"][0] for r in runs])
+                frac = torch.tensor([r["gain_recovered"][0] for r in runs])
+                name = label.replace(f"GRPO-{seeds[0]}", "GRPO-seed")
+                lines.append(f"| {name} | {len(runs)} | {diff.mean():+.3f} ± {diff.std():.3f} | "
+                             f"{frac.mean():+.2f} ± {frac.std():.2f} |")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     for i, (_, (mean, low, high)) in enumerate(bars):
         ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", color="C0", capsize=3)
