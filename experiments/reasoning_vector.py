@@ -163,9 +163,12 @@ def report() -> None:
         lines.append(f"| mean ± s.d. of − M1 over {len(seeds)} seeds | "
                      + " | ".join(f"{d.mean():+.3f} ± {d.std():.3f}" for d in spread) + " |")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for seed in choice["seeds"]:
+    swept = sorted(int(p.name.split("-")[0][2:]) for p in (CACHE / "eval").glob("rv*-v+1-val.json"))
+    for seed in swept:
         accs = [load(f"rv{seed}-v{a:+g}", "val")["accuracy"] for a in ALPHAS]
-        ax.plot([*ALPHAS[:2], 0.0, *ALPHAS[2:]], [*accs[:2], m1_val["accuracy"], *accs[2:]], "o-", label=f"seed {seed}")
+        chose = " (chose α)" if seed in choice["seeds"] else ""
+        ax.plot([*ALPHAS[:2], 0.0, *ALPHAS[2:]], [*accs[:2], m1_val["accuracy"], *accs[2:]], "o-",
+                label=f"seed {seed}{chose}")  # fmt: skip
     low, high = bootstrap([float(c) for c in m1_val["correct"]])[1:]
     ax.axhspan(low, high, color="gray", alpha=0.2, label="M1, 95% interval")
     ax.set(xlabel="α", ylabel="validation accuracy", title="M1 + α·(θ_GRPO − θ_SFT)")
