@@ -312,19 +312,28 @@ def report() -> None:
             bars.append((f"{label.split(' (')[0]}\nseed {seed}", diff))
         data["seeds"][seed] = rows
     if len(seeds) > 1:
-        lines += ["", f"## Over seeds {seeds}", "", "| condition | seeds run | − M0, mean ± s.d. | of GRPO's gain, "
+        lines += ["", f"## Over seeds {seeds}", "", "| condition | runs | − M0, mean ± s.d. | of GRPO's gain, "
                   "mean ± s.d. |", "|---|---|---|---|"]  # fmt: skip
         for i, label in enumerate(conditions(seeds[0])):
-            runs = [data["seeds"][s][lab] for s in seeds for lab in [list(conditions(s))[i]] if lab in data["seeds"][s]]
-            if len(runs) > 1:
-                diff = torch.tensor([r["minus_m0"][0] for r in runs])
-                frac = torch.tensor([r["gain_recovered"][0] for r in runs])
-                name = label.replace(f"GRPO-{seeds[0]}", "GRPO-seed")
-                lines.append(f"| {name} | {len(runs)} | {diff.mean():+.3f} ± {diff.std():.3f} | "
-                             f"{frac.mean():+.2f} ± {frac.std():.2f} |")  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for i, (_, (mean, low, high)) in enumerate(bars):
-        ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", color="C0", capsize=3)
+            done = [(s, lab, sae, loss) for s in seeds for lab, (sae, loss) in [list(conditions(s).items())[i]]
+                    if lab in data["seeds"][s]]  # fmt: skip
+            if len(done) < 2:
+                continue
+            runs = [data["seeds"][s][lab] for s, lab, _, _ in done]
+            one_model = len({run_name(sae, loss, lrs.get(loss, 0.0), s) for s, _, sae, loss in done}) == 1
+            diff = torch.tensor([r["minus_m0"][0] for r in runs])
+            frac = torch.tensor([r["gain_recovered"][0] for r in runs])
+            cells = [
+                label.replace(f"GRPO-{seeds[0]}", "GRPO-seed"),
+                "1 model for every seed" if one_model else str(len(runs)),
+                f"{diff[0]:+.3f}" if one_model else f"{diff.mean():+.3f} ± {diff.std():.3f}",
+                f"{frac.mean():+.2f} ± {frac.std():.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.32 * len(bars)))
+    for i, (label, (mean, low, high)) in enumerate(bars):
+        colour = f"C{seeds.index(int(label.rsplit(' ', 1)[1]))}"
+        ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax.set(xlabel="test accuracy − M0 (paired, 95% bootstrap)", title="SAE-tuning into M0 and its controls")
