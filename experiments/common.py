@@ -57,6 +57,12 @@ def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float
     return losses
 
 
+def mean_sd(values, spec: str = "+.3f") -> str:
+    """Per-seed values as "mean ± s.d." (sample s.d.), each number formatted with ``spec``."""
+    t = torch.tensor([float(v) for v in values])
+    return f"{t.mean():{spec}} ± {t.std():{spec.lstrip('+')}}"
+
+
 def write_report(name: str, data: dict, lines: list[str]) -> None:
     """``ARTIFACTS/{name}.json`` (the numbers) and ``{name}.md`` (the report), each atomically; prints the report."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

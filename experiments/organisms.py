@@ -28,7 +28,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, finetune, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, finetune, mean_sd, write_report  # noqa: E402
 from grpo import GRPOConfig, train  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -181,8 +181,8 @@ def report() -> None:
     for kind in ("sft", "grpo"):
         runs = [n for n in names if n.startswith(kind)]
         if len(runs) > 1:
-            accs = torch.tensor([evals[n, "test"]["accuracy"] for n in runs])
-            lines.append(f"\n{kind}: test accuracy over {len(runs)} seeds {accs.mean():.3f} +- {accs.std():.3f} (s.d.)")
+            accs = mean_sd((evals[n, "test"]["accuracy"] for n in runs), ".3f")
+            lines.append(f"\n{kind}: test accuracy over {len(runs)} seeds {accs} (s.d.)")
     selection = json.loads((RUNS / "sft_lr.json").read_text())
     lines += ["", "SFT learning rate (seed 0, validation):", "", "| lr | update norm | / GRPO seed 0's | val |"]
     lines += ["|---|---|---|---|"]

@@ -27,7 +27,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, finetune, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, finetune, mean_sd, write_report  # noqa: E402
 from organisms import RUNS, evaluate, signed, task, update_norm  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -94,12 +94,17 @@ def sweep(seed: int) -> None:
         print(f"seed {seed}, α {alpha:+g}: val {result['accuracy']:.3f}")
 
 
+def swept_seeds() -> list[int]:
+    """The seeds whose validation sweep has run."""
+    return sorted(int(p.name.split("-")[0][2:]) for p in (CACHE / "eval").glob("rv*-v+1-val.json"))
+
+
 def frozen_alpha() -> dict:
     """The α with the best mean validation accuracy over the seeds swept so far, frozen at first use."""
     path = HERE / "alpha.json"
     if path.is_file():
         return json.loads(path.read_text())
-    seeds = sorted(int(p.name.split("-")[0][2:]) for p in (CACHE / "eval").glob("rv*-v+1-val.json"))
+    seeds = swept_seeds()
     means = {a: sum(json.loads((CACHE / "eval" / f"rv{s}-v{a:+g}-val.json").read_text())["accuracy"]
                     for s in seeds) / len(seeds) for a in ALPHAS}  # fmt: skip
     choice = {"alpha": max(means, key=means.get), "val_means": means, "seeds": seeds}
@@ -159,12 +164,10 @@ def report() -> None:
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     if len(seeds) > 1:
         keys = (f"v{alpha:+g}", "v-1", f"delta_grpo{alpha:+g}", f"delta_sft{alpha:+g}", f"random{alpha:+g}")
-        spread = [torch.tensor([rows[s, k]["diff"][0] for s in seeds]) for k in keys]
-        lines.append(f"| mean ± s.d. of − M1 over {len(seeds)} seeds | "
-                     + " | ".join(f"{d.mean():+.3f} ± {d.std():.3f}" for d in spread) + " |")  # fmt: skip
+        spread = [mean_sd(rows[s, k]["diff"][0] for s in seeds) for k in keys]
+        lines.append(f"| mean ± s.d. of − M1 over {len(seeds)} seeds | " + " | ".join(spread) + " |")
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    swept = sorted(int(p.name.split("-")[0][2:]) for p in (CACHE / "eval").glob("rv*-v+1-val.json"))
-    for seed in swept:
+    for seed in swept_seeds():
         accs = [load(f"rv{seed}-v{a:+g}", "val")["accuracy"] for a in ALPHAS]
         chose = " (chose α)" if seed in choice["seeds"] else ""
         ax.plot([*ALPHAS[:2], 0.0, *ALPHAS[2:]], [*accs[:2], m1_val["accuracy"], *accs[2:]], "o-",

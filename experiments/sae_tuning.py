@@ -42,7 +42,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, mean_sd, write_report  # noqa: E402
 from organisms import RUNS, ci, evaluate, signed, task  # noqa: E402
 from reasoning_vector import load  # noqa: E402
 
@@ -309,31 +309,30 @@ def report() -> None:
                 f"| {label} | {ci(r['correct'])} | {signed(diff)} | {rows[label]['mcnemar_p']:.2g} | "
                 f"{signed(frac)} | {r['truncated']:.3f} |"
             )
-            bars.append((f"{label.split(' (')[0]}\nseed {seed}", diff))
+            bars.append((f"{label.split(' (')[0]}\nseed {seed}", seed, diff))
         data["seeds"][seed] = rows
     if len(seeds) > 1:
         lines += ["", f"## Over seeds {seeds}", "", "| condition | runs | − M0, mean ± s.d. | of GRPO's gain, "
                   "mean ± s.d. |", "|---|---|---|---|"]  # fmt: skip
         for i, label in enumerate(conditions(seeds[0])):
-            done = [(s, lab, sae, loss) for s in seeds for lab, (sae, loss) in [list(conditions(s).items())[i]]
-                    if lab in data["seeds"][s]]  # fmt: skip
+            done = []  # (result, run name) of this condition in each seed that ran it
+            for s in seeds:
+                lab, (sae, loss) = list(conditions(s).items())[i]
+                if lab in data["seeds"][s]:
+                    done.append((data["seeds"][s][lab], run_name(sae, loss, lrs.get(loss, 0.0), s)))
             if len(done) < 2:
                 continue
-            runs = [data["seeds"][s][lab] for s, lab, _, _ in done]
-            one_model = len({run_name(sae, loss, lrs.get(loss, 0.0), s) for s, _, sae, loss in done}) == 1
-            diff = torch.tensor([r["minus_m0"][0] for r in runs])
-            frac = torch.tensor([r["gain_recovered"][0] for r in runs])
+            one_model = len({name for _, name in done}) == 1
             cells = [
                 label.replace(f"GRPO-{seeds[0]}", "GRPO-seed"),
-                "1 model for every seed" if one_model else str(len(runs)),
-                f"{diff[0]:+.3f}" if one_model else f"{diff.mean():+.3f} ± {diff.std():.3f}",
-                f"{frac.mean():+.2f} ± {frac.std():.2f}",
+                "1 model for every seed" if one_model else str(len(done)),
+                f"{done[0][0]['minus_m0'][0]:+.3f}" if one_model else mean_sd(r["minus_m0"][0] for r, _ in done),
+                mean_sd((r["gain_recovered"][0] for r, _ in done), "+.2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.32 * len(bars)))
-    for i, (label, (mean, low, high)) in enumerate(bars):
-        colour = f"C{seeds.index(int(label.rsplit(' ', 1)[1]))}"
-        ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=3)
+    for i, (_, seed, (mean, low, high)) in enumerate(bars):
+        ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt="o", color=f"C{seeds.index(seed)}", capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax.set(xlabel="test accuracy − M0 (paired, 95% bootstrap)", title="SAE-tuning into M0 and its controls")
