@@ -2,8 +2,8 @@
 
 Each claim below was fixed before this set was read: a model, the model it is compared with, and the sign the
 test split found. The models are seed 0's (then the only seed with every condition run); α (stage 2) and the
-learning rates (stage 3) are the frozen ones. Each model's generations are cached like any evaluation (split "confirm"), so a
-second run only rewrites the report from the cache: the set is scored once.
+learning rates (stage 3) are the frozen ones. Each model's generations are cached like any evaluation (split
+"confirm"), so a second run only rewrites the report from the cache: the set is scored once.
 
     .venv/bin/python experiments/confirm.py   # about 3-5 minutes a model on 2 cores
 """
