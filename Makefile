@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test test-vllm vllm-env bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -31,6 +31,22 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# vLLM's CPU build with the steerkit plugin, in its own environment (vLLM pins transformers<5.20, the project
+# runs newer). `make test` runs tests/conformance/test_vllm.py when this environment exists; .ci/run builds it.
+VLLM := .venv-vllm
+vllm-env: $(VLLM)/.done
+$(VLLM)/.done: pyproject.toml Makefile
+	test -x $(VLLM)/bin/python || $(PY) -m venv $(VLLM)
+	$(VLLM)/bin/pip install -q torch==2.13.0 2>$(VLLM)/pip.err || { cat $(VLLM)/pip.err; exit 1; }
+	$(VLLM)/bin/pip install -q -e '.[vllm]' 2>$(VLLM)/pip.err || { cat $(VLLM)/pip.err; exit 1; }
+	@# vLLM's torchvision, torchaudio and torchcodec do not load against torch 2.13.0+cpu; text models need none.
+	$(VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>$(VLLM)/pip.err || true
+	$(VLLM)/bin/python -c "import vllm, steerkit.integrations.vllm"
+	touch $@
+
+test-vllm: setup vllm-env
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/conformance
 
 bench: setup bench-env
 	$(BIN)/python bench/capture.py
@@ -85,7 +101,7 @@ lint: setup
 	$(BIN)/ruff format --check steerkit tests bench experiments scripts
 
 clean:
-	rm -rf $(VENV) $(REPENG) $(MERGEKIT) build *.egg-info
+	rm -rf $(VENV) $(VLLM) $(REPENG) $(MERGEKIT) build *.egg-info
 
 # mergekit 0.1.5 for bench/merge.py, in its own environment (torch 2.13.0 first, so no CUDA build is pulled).
 $(MERGEKIT)/.done:

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,14 +95,12 @@ class Library:
     """The vectors and conditions a server may use, loaded by name from one folder (``NAME.safetensors`` or
     ``NAME.gguf`` vectors, ``NAME.condition.safetensors`` conditions)."""
 
-    def __init__(self, folder: str | Path, model):
-        from steerkit.backends import fingerprint
+    def __init__(self, folder: str | Path, hidden_size: int, num_layers: int):
         from steerkit.condition import Condition
 
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"no vector folder at {folder}")
-        fp = fingerprint(model)
         self.vectors: dict[str, SteeringVector] = {}
         self.conditions: dict[str, Condition] = {}
         for path in sorted(folder.iterdir()):
@@ -110,7 +108,7 @@ class Library:
                 self.conditions[path.name.removesuffix(".condition.safetensors")] = Condition.load(path)
             elif path.suffix in (".safetensors", ".gguf"):
                 vec = SteeringVector.load(path)
-                vec.check_model(fp["hidden_size"], fp["num_hidden_layers"])
+                vec.check_model(hidden_size, num_layers)
                 self.vectors[path.stem] = vec
         if not self.vectors:
             raise ValueError(f"{folder} holds no steering vectors (.safetensors or .gguf)")
@@ -128,8 +126,9 @@ class Library:
         return rows
 
 
-def parse_steering(spec, library: Library, model) -> list[Entry]:
-    """The ``steering`` field of a request as entries, checked against what is loaded; RequestError if not."""
+def parse_steering(spec, library: Library, dtype_at: Callable[[int], torch.dtype]) -> list[Entry]:
+    """The ``steering`` field of a request as entries, checked against what is loaded; RequestError if not.
+    ``dtype_at(layer)`` is the dtype α·v is added in at that block (it must be finite there)."""
     if spec is None:
         return []
     if not isinstance(spec, list):
@@ -154,7 +153,7 @@ def parse_steering(spec, library: Library, model) -> list[Entry]:
             if missing:
                 raise ValueError(f"layers {missing} are not in vector {name!r} (it has {vec.layers})")
             for layer in layers:  # α·v must be finite in the model's dtype
-                scaled(vec, layer, float(alpha), "add", block_dtype(model, layer))
+                scaled(vec, layer, float(alpha), "add", dtype_at(layer))
         except (ValueError, TypeError) as err:
             raise RequestError(f"steering[{i}]: {err}") from None
         positions = item.get("positions", "all")
@@ -482,7 +481,7 @@ def create_app(engine: Engine, model_name: str):
             ignore_eos, options = body.get("ignore_eos", False), body.get("stream_options") or {}
             if not isinstance(ignore_eos, bool) or not isinstance(options, dict):
                 raise RequestError("ignore_eos must be true or false and stream_options an object")
-            entries = parse_steering(body.get("steering"), engine.library, engine.model)
+            entries = parse_steering(body.get("steering"), engine.library, lambda i: block_dtype(engine.model, i))
         except RequestError as err:
             return error(400, str(err))
         except (TypeError, ValueError) as err:
@@ -613,8 +612,8 @@ def serve(model_name: str, vectors: str | Path, host: str = "127.0.0.1", port: i
     from steerkit.models import load_model
 
     model, tok = load_model(model_name, dtype=dtype, device=device)
-    engine = Engine(model, tok, Library(vectors, model), max_batch=max_batch, max_queue=max_queue)
-    library = engine.library
+    library = Library(vectors, arch.hidden_size(model), arch.num_layers(model))
+    engine = Engine(model, tok, library, max_batch=max_batch, max_queue=max_queue)
     log.info("serving %s with vectors %s and conditions %s on http://%s:%d", model_name, sorted(library.vectors),
              sorted(library.conditions), host, port)  # fmt: skip
     uvicorn.run(create_app(engine, str(model_name)), host=host, port=port, log_level="warning")

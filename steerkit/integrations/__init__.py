@@ -1,0 +1,1 @@
+"""Plugins that put steerkit into other engines (vLLM)."""
