@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-vllm vllm-env bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test test-conformance conformance vllm-env llama-cpp bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -29,11 +29,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python -m steerkit.demo
 
+# The conformance suite (tests/conformance, about 6 minutes) has its own target, which .ci/run also calls.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance
 
 # vLLM's CPU build with the steerkit plugin, in its own environment (vLLM pins transformers<5.20, the project
-# runs newer). `make test` runs tests/conformance/test_vllm.py when this environment exists; .ci/run builds it.
+# runs newer), for tests/conformance/test_vllm.py and bench/vllm.py.
 VLLM := .venv-vllm
 vllm-env: $(VLLM)/.done
 $(VLLM)/.done: pyproject.toml Makefile
@@ -45,8 +46,22 @@ $(VLLM)/.done: pyproject.toml Makefile
 	$(VLLM)/bin/python -c "import vllm, steerkit.integrations.vllm"
 	touch $@
 
-test-vllm: setup vllm-env
+# llama-cpp-python for the conformance suite's llama.cpp applier: built from source (about 5 minutes on 2 cores),
+# its library only.
+LLAMA_CPP := $(VENV)/.llama-cpp
+llama-cpp: $(LLAMA_CPP)
+$(LLAMA_CPP): | $(STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(BIN)/pip install -q llama-cpp-python==0.3.36 2>$(VENV)/pip.err || { cat $(VENV)/pip.err; exit 1; }
+	$(BIN)/python -c "import llama_cpp"
+	touch $@
+
+# Every applier held to the hooks (steerkit serve, vLLM plugin eager and compiled, its OpenAI server, baked
+# checkpoints in transformers and vLLM, llama.cpp control vectors); `make conformance` also writes the table.
+test-conformance: setup vllm-env llama-cpp
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/conformance
+conformance: setup vllm-env llama-cpp
+	STEERKIT_CONFORMANCE_TABLE=artifacts/conformance/agreement.md $(BIN)/python -m pytest -q -p no:cacheprovider tests/conformance
 
 bench: setup bench-env
 	$(BIN)/python bench/capture.py

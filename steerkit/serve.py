@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -83,6 +84,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # (vLLM's field) always max_tokens tokens: for benchmarks
+    logprobs: int | None = None  # with each token its log-probability and this many top alternatives
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -379,32 +381,44 @@ class Engine:
         self.stats["steps"] += 1
         self._emit(requests, self._sample(out.logits[:, -1], requests))
 
-    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[dict]:
+        """One event per row: the next token, with its log-probabilities if the request asked for them (those of
+        the model's distribution, before temperature and top-p, as OpenAI and vLLM report them)."""
         logits = logits.float().cpu()
-        tokens = []
+        events = []
         for row, request in zip(logits, requests, strict=True):
-            if request.temperature <= 0:
-                tokens.append(int(row.argmax()))
-                continue
-            if request.generator is None:
-                request.generator = torch.Generator().manual_seed(request.seed if request.seed is not None else 0)
-            probs = torch.softmax(row / request.temperature, -1)
-            if request.top_p < 1:
-                ordered, index = probs.sort(descending=True)
-                keep = ordered.cumsum(0) - ordered < request.top_p
-                probs = torch.zeros_like(probs).scatter(0, index[keep], ordered[keep])
-            tokens.append(int(torch.multinomial(probs, 1, generator=request.generator)))
-        return tokens
+            event = {"token": self._pick(row, request)}
+            if request.logprobs is not None:
+                logp = torch.log_softmax(row, -1)
+                top = logp.topk(request.logprobs) if request.logprobs else None
+                event["logprob"] = float(logp[event["token"]])
+                event["top"] = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            events.append(event)
+        return events
 
-    def _emit(self, requests: Sequence[Request], tokens: list[int]) -> None:
+    @staticmethod
+    def _pick(row: torch.Tensor, request: Request) -> int:
+        if request.temperature <= 0:
+            return int(row.argmax())
+        if request.generator is None:
+            request.generator = torch.Generator().manual_seed(request.seed if request.seed is not None else 0)
+        probs = torch.softmax(row / request.temperature, -1)
+        if request.top_p < 1:
+            ordered, index = probs.sort(descending=True)
+            keep = ordered.cumsum(0) - ordered < request.top_p
+            probs = torch.zeros_like(probs).scatter(0, index[keep], ordered[keep])
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    def _emit(self, requests: Sequence[Request], events: list[dict]) -> None:
         done = []
-        for request, token in zip(requests, tokens, strict=True):
+        for request, event in zip(requests, events, strict=True):
+            token = event["token"]
             if token in self.eos and not request.ignore_eos:
                 request.emit({"finish": "stop"})
                 done.append(request)
                 continue
             request.generated.append(token)
-            request.emit({"token": token})
+            request.emit(event)
             if len(request.generated) >= request.max_tokens:
                 request.emit({"finish": "length"})
                 done.append(request)
@@ -482,6 +496,10 @@ def create_app(engine: Engine, model_name: str):
             if not isinstance(ignore_eos, bool) or not isinstance(options, dict):
                 raise RequestError("ignore_eos must be true or false and stream_options an object")
             entries = parse_steering(body.get("steering"), engine.library, lambda i: block_dtype(engine.model, i))
+            logprobs = _logprobs_option(body, chat)
+            as_ids = body.get("return_tokens_as_token_ids", False)  # (vLLM's field) tokens as "token_id:{id}"
+            if not isinstance(as_ids, bool):
+                raise RequestError(f"return_tokens_as_token_ids={as_ids!r}: expected true or false")
         except RequestError as err:
             return error(400, str(err))
         except (TypeError, ValueError) as err:
@@ -491,7 +509,7 @@ def create_app(engine: Engine, model_name: str):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731  (called from the engine)
         sampling = {"temperature": temperature, "top_p": top_p, "seed": body.get("seed"), "ignore_eos": ignore_eos}
-        request = Request(ids, max_tokens, entries, emit, **sampling)
+        request = Request(ids, max_tokens, entries, emit, logprobs=logprobs, **sampling)
         try:
             engine.submit(request)
         except RequestError as err:
@@ -502,9 +520,10 @@ def create_app(engine: Engine, model_name: str):
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
             usage = bool(options.get("include_usage"))
-            stream = _stream(request, events, tok, chat, stamp, name, usage)
+            render = functools.partial(_logprobs, tok=tok, chat=chat, as_ids=as_ids)
+            stream = _stream(request, events, tok, chat, stamp, name, usage, render)
             return StreamingResponse(stream, media_type="text/event-stream")
-        finish, tokens = "length", []
+        finish, tokens, scored = "length", [], []
         try:
             while True:
                 event = await events.get()
@@ -514,11 +533,14 @@ def create_app(engine: Engine, model_name: str):
                     finish = event["finish"]
                     break
                 tokens.append(event["token"])
+                scored.append(event)
         finally:
             request.cancelled = True
         text = tok.decode(tokens, skip_special_tokens=True)
         usage = _usage(len(ids), len(tokens))
         choice = {"index": 0, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = _logprobs(scored, tok=tok, chat=chat, as_ids=as_ids)
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {"id": f"cmpl-{request.id}", "object": kind, "created": stamp, "model": name,
                 "choices": [choice], "usage": usage}  # fmt: skip
@@ -557,15 +579,58 @@ def _prompt(body: dict, chat: bool, tok, chat_prompt) -> str:
     return prompt
 
 
+def _logprobs_option(body: dict, chat: bool) -> int | None:
+    """How many top alternatives each token's log-probability comes with (None: no log-probabilities): OpenAI's
+    ``logprobs`` (an int) for completions, ``logprobs: true`` and ``top_logprobs`` for chat."""
+    if chat:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted not in (None, True, False):
+            raise RequestError(f"logprobs={wanted!r}: expected true or false")
+        if top is not None and not wanted:
+            raise RequestError("top_logprobs needs logprobs: true")
+        n = (top or 0) if wanted else None
+    else:
+        n = body.get("logprobs")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20):
+        raise RequestError(f"{'top_logprobs' if chat else 'logprobs'}={n!r}: expected an int in 0..20")
+    return n
+
+
+def _logprobs(events: list[dict], before: Sequence[int] = (), *, tok, chat: bool, as_ids: bool) -> dict:
+    """The log-probabilities of ``events`` (engine token events) in OpenAI's chat or completions shape, each token
+    as its text or (``as_ids``, vLLM's ``return_tokens_as_token_ids``) as ``token_id:{id}``; a completion's
+    ``text_offset`` counts from the start of its text (``before``: the tokens already sent)."""
+    name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: tok.decode([t]))
+    entry = lambda t, lp: {"token": name(t), "logprob": lp, "bytes": list(name(t).encode())}  # noqa: E731
+    if chat:
+        content = [
+            {**entry(e["token"], e["logprob"]), "top_logprobs": [entry(*top) for top in e["top"]]} for e in events
+        ]
+        return {"content": content}
+    ids = [e["token"] for e in events]
+    offsets = [len(tok.decode([*before, *ids[:i]], skip_special_tokens=True)) for i in range(len(ids))]
+    return {"tokens": [name(t) for t in ids], "token_logprobs": [e["logprob"] for e in events],
+            "top_logprobs": [{name(t): lp for t, lp in e["top"]} for e in events], "text_offset": offsets}  # fmt: skip
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stamp: int, name: str, usage: bool):
+async def _stream(
+    request: Request,
+    events: asyncio.Queue,
+    tok,
+    chat: bool,
+    stamp: int,
+    name: str,
+    usage: bool,
+    render: Callable[..., dict],
+):
     """Server-sent events in OpenAI's chunk shape (a last chunk with the usage if asked, as OpenAI's
     ``stream_options.include_usage``); a client that goes away frees its row."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    sent, tokens = "", []
+    sent, tokens, scored = "", [], []  # scored: the token events not yet sent
 
     def chunk(text: str | None, finish: str | None) -> str:
         if chat:
@@ -573,6 +638,9 @@ async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stam
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish}
+        if request.logprobs is not None and text is not None:
+            choice["logprobs"] = render(scored, tokens[: len(tokens) - len(scored)])
+            scored.clear()
         payload = {"id": f"cmpl-{request.id}", "object": kind, "created": stamp, "model": name, "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -594,6 +662,7 @@ async def _stream(request: Request, events: asyncio.Queue, tok, chat: bool, stam
                     yield f"data: {json.dumps(last)}\n\n"
                 break
             tokens.append(event["token"])
+            scored.append(event)
             text = tok.decode(tokens, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the next token
                 continue

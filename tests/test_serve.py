@@ -304,3 +304,37 @@ def test_the_condition_command_writes_a_condition_generate_uses(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["condition", "-s", "cooking", "-o", str(tmp_path / "c.safetensors")])
     assert exit_info.value.code == 2 and "expected a name ending in .condition.safetensors" in capsys.readouterr().err
+
+
+def test_logprobs_come_in_openai_shapes_with_the_models_values(server, smollm):
+    """Chat (``logprobs``, ``top_logprobs``) and completions (``logprobs``, streamed too): greedy picks the top
+    token, the first value is the model's own log-softmax, and streamed offsets index the whole text."""
+    from steerkit.models import chat_prompt
+
+    url, _ = server
+    model, tok = smollm
+    client = _client(url)
+    messages = [{"role": "user", "content": PROMPTS[3]}]
+    reply = client.chat.completions.create(model="m", max_tokens=6, messages=messages, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    ids = tok(chat_prompt(tok, PROMPTS[3]), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1).max()
+    assert abs(content[0].logprob - float(expected)) < 1e-4
+    chunks = list(client.completions.create(model="m", prompt="Once upon a time", max_tokens=8, logprobs=2,
+                                            stream=True))  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    scored = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    pieces = [(t, o) for lp in scored for t, o in zip(lp.tokens, lp.text_offset, strict=True)]
+    assert len(pieces) == 8 and "".join(t for t, _ in pieces) == text
+    assert [o for _, o in pieces] == [len("".join(t for t, _ in pieces[:i])) for i in range(8)]
+    bad = [({"prompt": "Hi", "logprobs": 21}, "logprobs=21: expected an int in 0..20"),
+           ({"prompt": "Hi", "return_tokens_as_token_ids": "yes"}, "expected true or false")]  # fmt: skip
+    for body, message in bad:
+        reply = _post(url, {**body, "max_tokens": 2}, "/v1/completions")
+        assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+    reply = _post(url, {"messages": messages, "top_logprobs": 2})
+    assert reply.status_code == 400 and "top_logprobs needs logprobs: true" in reply.json()["error"]["message"]

@@ -19,10 +19,14 @@ the next block's input norm (and the final norm), so the residual stream after b
 
 Tensor parallelism: after a block's row-parallel all-reduce every rank holds the full ``[tokens, d]`` output, and
 every rank builds the table from the same scheduler output in the same request order, so each adds the same rows.
-Only eager mode is supported (``enforce_eager=True``): under torch.compile / CUDA graphs the hook's tensors would
-be baked into the graph; the worker refuses to start otherwise and says so. CAST conditions are refused (400):
-a condition is decided from the mean over the whole prompt at its block, which chunked prefill and prefix
-caching do not compute in one forward.
+
+Compiled models and graphs: the table's tensors are allocated once at load and only ever written in place (rows
+zeroed and summed, the index overwritten before each step), so a graph captured over the hook (torch.compile /
+vLLM's single Dynamo trace, CUDA graphs) reads this step's values from the same addresses. Under compilation the
+hook has no Python branch (a branch would be frozen at trace time): every token gathers its row, row 0 being zero
+for tokens that ask for nothing and for warm-up and padding tokens. In eager mode the hook skips steps in which
+nothing steers. CAST conditions are refused (400): a condition is decided from the mean over the whole prompt at
+its block, which chunked prefill and prefix caching do not compute in one forward.
 """
 
 from __future__ import annotations
@@ -146,12 +150,13 @@ class Table:
     """What the hooks add in the current step: per steered layer ``rows`` (see the module docstring), a per-token
     ``index`` into them, and the request order they were built for."""
 
-    def __init__(self, library, max_reqs: int, max_tokens: int, dtype: torch.dtype, device):
+    def __init__(self, library, max_reqs: int, max_tokens: int, dtype: torch.dtype, device, compiled: bool):
         layers = sorted({layer for vec in library.vectors.values() for layer in vec.layers})
         d = next(iter(library.vectors.values())).d_model
         self.library = library
         self.rows = {layer: torch.zeros(2 * max_reqs + 1, d, dtype=dtype, device=device) for layer in layers}
         self.index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.compiled = compiled  # the hooks run inside a traced graph: no Python branch on the step's state
         self.active = False  # any request of this step steers
         self.order: tuple | None = None
         self.entries: dict[str, list[dict]] = {}  # request id -> its steering
@@ -178,29 +183,26 @@ def _load_model(original, self, *args, **kwargs):
 
     out = original(self, *args, **kwargs)
     config = self.vllm_config
-    if config.compilation_config.mode != CompilationMode.NONE:
-        raise RuntimeError(
-            "steerkit's vLLM plugin needs eager mode: start vLLM with enforce_eager=True (--enforce-eager), or "
-            f"unset {ENV} to serve without steering"
-        )
+    compiled = config.compilation_config.mode != CompilationMode.NONE
     name = type(self.model).__name__
     if name not in ARCHITECTURES:
         raise RuntimeError(f"steerkit's vLLM plugin does not know where {name}'s blocks are; it knows "
                            f"{sorted(ARCHITECTURES)}")  # fmt: skip
     library = _model_library(config)
-    table = Table(library, self.max_num_reqs, self.max_num_tokens, config.model_config.dtype, self.device)
+    table = Table(library, self.max_num_reqs, self.max_num_tokens, config.model_config.dtype, self.device, compiled)
     blocks = self.model.get_submodule(ARCHITECTURES[name])
     for i, block in enumerate(blocks):
         if i in table.rows and type(block).__name__ != "PPMissingLayer":  # (blocks of other pipeline ranks)
             block.register_forward_hook(_hook(table, i))
     self._steerkit = table
-    log.info("steerkit: vectors %s on %d blocks of %s", sorted(library.vectors), len(table.rows), name)
+    log.info("steerkit: vectors %s on %d blocks of %s (%s)", sorted(library.vectors), len(table.rows), name,
+             "compiled" if compiled else "eager")  # fmt: skip
     return out
 
 
 def _hook(table: Table, layer: int):
     def hook(_module, _args, output):
-        if not table.active:
+        if not table.compiled and not table.active:  # (never evaluated under compilation: see the docstring)
             return None
         hidden, residual = output  # the stream after this block is hidden + residual: add α·v once, to hidden
         return hidden + table.rows[layer][table.index[: hidden.shape[0]]], residual
@@ -222,6 +224,7 @@ def _prepare_inputs(original, self, scheduler_output, num_scheduled_tokens, *arg
     table.entries = {rid: table.entries[rid] for rid in ids}  # forget finished requests
     table.active = any(table.entries.values())
     if not table.active:
+        table.index.zero_()  # (read by compiled hooks, which add rows[index] on every step)
         return out
     if tuple(ids) != table.order:
         table.fill([(rid, table.entries[rid]) for rid in ids])
@@ -235,10 +238,11 @@ def _prepare_inputs(original, self, scheduler_output, num_scheduled_tokens, *arg
 
 
 def _dummy_run(original, self, *args, **kwargs):
-    """Warm-up and profiling forwards carry no request: no steering."""
+    """Warm-up and profiling forwards carry no request: no steering (the next step rewrites the index)."""
     table: Table | None = getattr(self, "_steerkit", None)
     if table is None:
         return original(self, *args, **kwargs)
+    table.index.zero_()
     active, table.active = table.active, False
     try:
         return original(self, *args, **kwargs)
