@@ -20,9 +20,10 @@ transformers.utils.logging.disable_progress_bar()
 TINY = dict(hidden=32, layers=3, heads=4, kv_heads=2, ffn=64, ctx=128)
 
 
-def tiny_config(model_type: str, vocab_size: int):
-    """A 3-block, 32-wide config of ``model_type`` (no download)."""
-    h, n, a, kv, f, ctx = (TINY[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "ctx"))
+def tiny_config(model_type: str, vocab_size: int, **sizes):
+    """A 3-block, 32-wide config of ``model_type`` (no download); ``sizes`` overrides entries of ``TINY``."""
+    size = {**TINY, **sizes}
+    h, n, a, kv, f, ctx = (size[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "ctx"))
     common = dict(vocab_size=vocab_size, hidden_size=h, intermediate_size=f, num_hidden_layers=n)
     common.update(num_attention_heads=a, max_position_embeddings=ctx)
     if model_type == "gpt2":

@@ -45,8 +45,12 @@ ENV = "STEERKIT_VECTORS"
 ARCHITECTURES = {
     "LlamaForCausalLM": "model.layers",
     "MistralForCausalLM": "model.layers",
+    "Phi3ForCausalLM": "model.layers",
     "Qwen2ForCausalLM": "model.layers",
     "Qwen3ForCausalLM": "model.layers",
+    "GemmaForCausalLM": "model.layers",
+    "Gemma2ForCausalLM": "model.layers",
+    "Gemma3ForCausalLM": "model.layers",
 }
 
 

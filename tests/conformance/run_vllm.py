@@ -1,26 +1,25 @@
 """The vLLM side of the conformance suite, run in the vLLM environment: ``python run_vllm.py JOB.json OUT.json``.
 
-The job names the model folder, the requests (prompt token ids with their steering), whether to compile, and
-optionally the prefix-cache and refusal checks; STEERKIT_VECTORS (when set) names the plugin's vector folder.
-Writes each request's greedy tokens and first-token top log-probabilities, in one mixed batch and each alone, the
-prefix-cache hits of an unsteered / steered / steered-again / unsteered-again prompt, and the refusals' messages.
+The job (or a list of jobs, run one after another in this process) names the model folder, the requests (prompt
+token ids with their steering), whether to compile, and optionally the prefix-cache and refusal checks;
+STEERKIT_VECTORS (when set) names the plugin's vector folder. Writes each request's greedy tokens and first-token
+top log-probabilities, in one mixed batch and each alone, the prefix-cache hits of an unsteered / steered /
+steered-again / unsteered-again prompt, and the refusals' messages.
 """
 
 import json
 import sys
 
-if __name__ == "__main__":  # vLLM spawns its engine process
+
+def run(job: dict) -> dict:
+    """One model's requests (see the module docstring)."""
     from vllm import LLM, SamplingParams
 
-    job = json.load(open(sys.argv[1]))
-    llm = LLM(
-        model=job["model"],
-        dtype="float32",
-        max_model_len=512,
-        enforce_eager=not job.get("compiled"),
-        seed=0,
-        gpu_memory_utilization=0.25,
-    )  # fmt: skip  (on CPU: the share of RAM its KV cache takes)
+    # on CPU, gpu_memory_utilization is the share of RAM the process may hold with its KV cache; kv_bytes sets the
+    # cache's size outright (for several models in one process, whose size then counts against that share)
+    memory = {"kv_cache_memory_bytes": job["kv_bytes"]} if "kv_bytes" in job else {"gpu_memory_utilization": 0.25}
+    llm = LLM(model=job["model"], dtype="float32", max_model_len=512, enforce_eager=not job.get("compiled"), seed=0,
+              **memory)  # fmt: skip
 
     def params(steering):
         extra = {"steering": steering} if steering else None
@@ -52,4 +51,15 @@ if __name__ == "__main__":  # vLLM spawns its engine process
             result["refused"].append({"refused": False, "message": ""})
         except Exception as err:  # noqa: BLE001  (the type and message are what the test checks)
             result["refused"].append({"refused": True, "type": type(err).__name__, "message": str(err)})
-    json.dump(result, open(sys.argv[2], "w"))
+    return result
+
+
+if __name__ == "__main__":  # vLLM may spawn its engine process
+    import gc
+
+    jobs = json.load(open(sys.argv[1]))
+    results = []
+    for job in jobs if isinstance(jobs, list) else [jobs]:  # a list: one model after another, in this process
+        results.append(run(job))
+        gc.collect()
+    json.dump(results if isinstance(jobs, list) else results[0], open(sys.argv[2], "w"))

@@ -35,18 +35,22 @@ def vllm_env(vectors=None, compiled: bool = False) -> dict:
     return env
 
 
-def run_vllm(tmp, job: dict, eos: set[int], vectors=None, compiled: bool = False) -> dict:
-    """``run_vllm.py`` on ``job``; rows with integer token ids, cut at the end-of-sequence token."""
-    (tmp / "job.json").write_text(json.dumps({"max_tokens": CASES["max_tokens"], "logprobs": CASES["logprobs"],
-                                              "compiled": compiled, **job}))  # fmt: skip
+def run_vllm(tmp, job: dict | list[dict], eos: set[int], vectors=None, compiled: bool = False, env=None):
+    """``run_vllm.py`` on ``job`` (or a list of jobs); rows with integer token ids, cut at the end-of-sequence
+    token."""
+    common = {"max_tokens": CASES["max_tokens"], "logprobs": CASES["logprobs"], "compiled": compiled}
+    jobs = [{**common, **j} for j in (job if isinstance(job, list) else [job])]
+    (tmp / "job.json").write_text(json.dumps(jobs if isinstance(job, list) else jobs[0]))
     proc = subprocess.run([str(VLLM_PYTHON), str(appliers.HERE / "run_vllm.py"), str(tmp / "job.json"),
-                           str(tmp / "out.json")], env=vllm_env(vectors, compiled), capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+                           str(tmp / "out.json")], env={**vllm_env(vectors, compiled), **(env or {})},
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((tmp / "out.json").read_text())
-    for key in ("batch", "alone"):
-        out[key] = [{**row, "tokens": appliers.cut(row["tokens"], eos),
-                     "logprobs": {int(t): p for t, p in row["logprobs"].items()}} for row in out[key]]  # fmt: skip
+    for result in out if isinstance(job, list) else [out]:
+        for key in ("batch", "alone"):
+            result[key] = [{**row, "tokens": appliers.cut(row["tokens"], eos),
+                            "logprobs": {int(t): p for t, p in row["logprobs"].items()}}
+                           for row in result[key]]  # fmt: skip
     return out
 
 
@@ -91,6 +95,46 @@ def test_a_baked_checkpoint_served_by_plain_vllm_steers_like_hooks(suite, plugin
         rows[i] = row
     appliers.agreement("baked checkpoint, vLLM", "`sk.bake`, vLLM without the plugin", reqs, refs, rows,
                        unsteered=plugin["alone"], no_batch="n/a: one steering per checkpoint")  # fmt: skip
+
+
+# vLLM model classes beside Llama (the embedded model), as tiny random checkpoints: head_dim 64 for vLLM's CPU
+# attention, weights drawn wider than the default so that the next token is not a near-tie everywhere
+TINY_ARCHS = ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"]
+TINY_STEERING = [[], [{"vector": "v", "alpha": 1.0, "layers": [1]}],
+                 [{"vector": "v", "alpha": -1.0, "layers": [1], "positions": "prompt"}],
+                 [{"vector": "v", "alpha": 1.0, "layers": [1, 2], "positions": "generated"}]]  # fmt: skip
+
+
+def test_the_plugin_steers_every_architecture_it_knows_like_hooks(suite, tmp_path):
+    """Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2 and Gemma 3 (vLLM's own classes for each), one after another
+    in one vLLM process: first-token log-probabilities and greedy tokens against hooks in transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    _, tok, _, _, _, _ = suite
+    folder = tmp_path / "vectors"
+    g = torch.Generator().manual_seed(0)
+    vecs = {"v": sk.SteeringVector({layer: torch.randn(128, generator=g) * 4 for layer in (1, 2)})}
+    vecs["v"].save(folder / "v.safetensors")
+    reqs = [{"ids": tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"], "steering": s, "prompt": i}
+            for s in TINY_STEERING for i, p in enumerate(CASES["prompts"][:2])]  # fmt: skip
+    jobs, refs = [], {}
+    for arch in TINY_ARCHS:
+        torch.manual_seed(0)
+        config = tiny_config(arch, len(tok), hidden=128, heads=2, kv_heads=1, ffn=256, ctx=512)
+        config.initializer_range = 0.2
+        model = AutoModelForCausalLM.from_config(config).eval()
+        model.save_pretrained(tmp_path / arch)
+        tok.save_pretrained(tmp_path / arch)
+        refs[arch] = [appliers.hooks(model, vecs, r["ids"], r["steering"]) for r in reqs]
+        jobs.append({"model": str(tmp_path / arch), "requests": reqs, "kv_bytes": 2**28})
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in this process: seconds a model, not half a minute
+    got = run_vllm(tmp_path, jobs, {tok.eos_token_id}, vectors=folder, env=env)
+    for arch, result in zip(TINY_ARCHS, got, strict=True):
+        appliers.agreement(f"vLLM plugin, tiny random {arch}", "offline `LLM`, eager", reqs, refs[arch],
+                           result["alone"], batch=result["batch"])  # fmt: skip
 
 
 def test_the_prefix_cache_is_keyed_on_steering(suite, plugin):
