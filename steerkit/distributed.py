@@ -35,8 +35,24 @@ def world() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout())
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave() -> None:
+    """At exit: wait (briefly) for every rank, then take the group down together. A rank that tore its group
+    down while a peer still held connections to it could abort in gloo's threads ("terminate called without an
+    active exception"); a peer that already failed only costs this wait."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30), wait_all_ranks=True)
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_main() -> bool:
