@@ -1,4 +1,19 @@
-"""steerkit: read behaviours out of language models and write them back in."""
+"""steerkit: read behaviours out of language models and write them back in.
+
+Layers. A module imports only from its own layer or the layers below it (``tests/test_layers.py`` checks every
+import, those inside functions too, and that there is no import cycle); a subpackage stands at its layer with
+everything it holds unless a module of it is named on its own line.
+
+    0 foundations   _checks _config _io batching distributed formats
+    1 structure     arch checkpoint
+    2 models        models backends
+    3 plumbing      _hub hooks data
+    4 data types    vector weights.taskvec capture
+    5 appliers      extract steer sae.io weights
+    6 methods       condition sae evals features
+    7 services      hub plots serve dashboard
+    8 entry points  integrations cli demo steerkit
+"""
 
 from steerkit.arch import get_blocks, hidden_size, num_layers, residual_writers
 from steerkit.capture import Recorder, capture
@@ -9,7 +24,7 @@ from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
 from steerkit.hub import push_to_hub
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
-from steerkit.sae import attach_adapter, evaluate_sae, load_sae, sae_tune, splice, train_sae
+from steerkit.sae import TrainConfig, TuneConfig, attach_adapter, evaluate_sae, load_sae, sae_tune, splice, train_sae
 from steerkit.steer import generate, steer
 from steerkit.vector import SteeringVector
 from steerkit.weights import TaskVector, bake, merge
@@ -34,6 +49,8 @@ __all__ = [
     "Recorder",
     "SteeringVector",
     "TaskVector",
+    "TrainConfig",
+    "TuneConfig",
     "attach_adapter",
     "bake",
     "bundled_sets",

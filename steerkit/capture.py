@@ -164,36 +164,39 @@ def capture(
     rank, size = world()
     mine = list(range(rank, len(texts), size))  # this rank's share: every W-th text
     ids = tokenize(tok, [texts[i] for i in mine], max_length or runner.context_length, truncate) if mine else []
-    side = runner.padding_side or getattr(tok, "padding_side", "right")
-    unique = sorted(set(layers))
-    out: list[torch.Tensor | None] = [None] * len(mine)
-    batches = length_batches(ids, batch_size)
-    bar = tqdm(
-        total=len(batches), desc="capture", disable=rank != 0 or ((not progress) if progress is not None else None)
-    )
-    with torch.inference_mode(), bar:
-        for index in batches:
-            input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
-            at = runner.device
-            hidden = runner.run(input_ids.to(at), mask.to(at), pos.to(at), unique)
-            names = [mine[i] for i in index]  # rows in error messages are the caller's text indices
-            per_layer = [select_positions(hidden[layer], mask, position, names).float() for layer in layers]
-            stacked = torch.stack(per_layer, dim=-2)  # [b, L, d] or [T, L, d]
-            stacked = stacked if device is None else stacked.to(device)
-            if position == "all":
-                counts = mask.sum(-1).tolist()
-                for i, chunk in zip(index, stacked.split(counts), strict=True):
-                    out[i] = chunk
-            else:
-                for row, i in enumerate(index):
-                    out[i] = stacked[row]
-            bar.update()
+    quiet = rank != 0 or ((not progress) if progress is not None else None)  # None: tqdm decides (a terminal?)
+    out = _run(runner, tok, ids, mine, layers, position, batch_size, device, quiet)
     if size > 1:
         out = _gather(out, len(layers), fingerprint(model)["hidden_size"], position == "all")
     if position == "all":
         rows = torch.cat([torch.full((len(chunk),), i, dtype=torch.long) for i, chunk in enumerate(out)])
         return torch.cat(out), rows
     return torch.stack(out)
+
+
+def _run(runner, tok, ids: list, names: list[int], layers: list[int], position, batch_size: int, device,
+         quiet: bool | None) -> list[torch.Tensor]:  # fmt: skip
+    """This rank's texts (token ``ids``; ``names`` their indices in the caller's list) in length-sorted batches:
+    per text a ``[L, d]`` (``[T, L, d]`` for ``"all"``) of the selected positions."""
+    side = runner.padding_side or getattr(tok, "padding_side", "right")
+    unique = sorted(set(layers))
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    batches = length_batches(ids, batch_size)
+    bar = tqdm(total=len(batches), desc="capture", disable=quiet)
+    with torch.inference_mode(), bar:
+        for index in batches:
+            input_ids, mask, pos = pad_batch([ids[i] for i in index], pad_id(tok), side)
+            at = runner.device
+            hidden = runner.run(input_ids.to(at), mask.to(at), pos.to(at), unique)
+            rows = [names[i] for i in index]  # rows in error messages are the caller's text indices
+            per_layer = [select_positions(hidden[layer], mask, position, rows).float() for layer in layers]
+            stacked = torch.stack(per_layer, dim=-2)  # [b, L, d] or [T, L, d]
+            stacked = stacked if device is None else stacked.to(device)
+            chunks = stacked.split(mask.sum(-1).tolist()) if position == "all" else stacked
+            for i, chunk in zip(index, chunks, strict=True):
+                out[i] = chunk
+            bar.update()
+    return out
 
 
 def _gather(mine: list[torch.Tensor], n_layers: int, width: int, ragged: bool) -> list[torch.Tensor]:

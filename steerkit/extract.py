@@ -7,7 +7,8 @@ Separation is the AUROC of the projection on held-out pairs (the ``test`` split,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,8 +16,6 @@ from steerkit.backends import fingerprint
 from steerkit.capture import Position, capture
 from steerkit.data import Pair, as_pairs, pairs_hash
 from steerkit.vector import SteeringVector
-
-METHODS = ("mean_diff", "pca_diff", "pca_center", "probe", "mean_positive")
 
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -56,26 +55,54 @@ def _probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 0.1, steps: int = 1
     return (w.detach() / scale).float()  # back to the raw activation space
 
 
+def _mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return (pos - neg).mean(0), None
+
+
+def _pca_diff(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, float]:
+    return _first_pc(pos - neg)  # uncentred: the mean difference is the signal, not noise to subtract
+
+
+def _pca_center(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, float]:
+    middle = (pos + neg) / 2  # each pair centred on its own mean (repeng's pca_center)
+    return _first_pc(torch.cat([pos - middle, neg - middle]))
+
+
+def _mean_positive(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return pos.mean(0), None
+
+
+@dataclass(frozen=True)
+class Method:
+    """An extraction method: ``fn(pos, neg)`` gives a direction and (for PCA) its explained variance;
+    ``contrastive`` ones are oriented so positives project higher and scaled to the mean difference's norm,
+    so one α means the same across them."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float | None]]
+    contrastive: bool
+    about: str
+
+
+# name -> method: ``extract(method=)`` and ``steerkit extract --method`` read this table
+METHODS: dict[str, Method] = {
+    "mean_diff": Method(_mean_diff, True, "mean of the paired differences (AxBench's strongest)"),
+    "pca_diff": Method(_pca_diff, True, "first principal component of the paired differences, uncentred"),
+    "pca_center": Method(_pca_center, True, "first principal component of pair-centred activations (repeng)"),
+    "probe": Method(lambda pos, neg: (_probe(pos, neg), None), True, "L2 logistic regression"),
+    "mean_positive": Method(_mean_positive, False, "mean of the positives alone (Højer et al.'s R)"),
+}
+
+
 def direction(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff") -> tuple[torch.Tensor, float | None]:
     """One layer's direction from paired activations ``pos``, ``neg`` ``[n, d]``; and PCA's explained variance."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    mean_diff = (pos - neg).mean(0)
-    if method == "mean_diff":
-        return mean_diff, None
-    if method == "mean_positive":  # Højer et al.'s R: no contrast, no orientation
-        return pos.mean(0), None
-    explained = None
-    if method == "pca_diff":  # uncentred: the mean difference is the signal, not noise to subtract
-        vec, explained = _first_pc(pos - neg)
-    elif method == "pca_center":  # each pair centred on its own mean (repeng's pca_center)
-        middle = (pos + neg) / 2
-        vec, explained = _first_pc(torch.cat([pos - middle, neg - middle]))
-    else:
-        vec = _probe(pos, neg)
-    vec = vec / vec.norm().clamp_min(1e-12) * mean_diff.norm()
-    if ((pos - neg) @ vec).mean() < 0:
-        vec = -vec
+        raise ValueError(f"method={method!r}: expected one of {tuple(METHODS)}")
+    spec = METHODS[method]
+    vec, explained = spec.fn(pos, neg)
+    if spec.contrastive:
+        vec = vec / vec.norm().clamp_min(1e-12) * (pos - neg).mean(0).norm()
+        if ((pos - neg) @ vec).mean() < 0:
+            vec = -vec
     return vec, explained
 
 
@@ -110,7 +137,7 @@ def extract(
     AUROC (``separation``), the norm, and PCA's explained variance.
     """
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+        raise ValueError(f"method={method!r}: expected one of {tuple(METHODS)}")
     pairs = as_pairs(pairs)
     train, test = split_pairs(pairs)
     fp = fingerprint(model)

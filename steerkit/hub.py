@@ -1,97 +1,20 @@
-"""The Hugging Face Hub: repo ids wherever a local folder is taken, pushes with model cards the Hub can read.
+"""Pushing to the Hugging Face Hub: vectors, task vectors, SAEs, adapters and checkpoints, each with a model card.
 
-``local("org/name")`` (or ``"org/name@revision"``) gives the snapshot folder through the Hub cache, so a repo
-works offline once cached; an existing local path is returned as it is. ``push_folder`` uploads a folder
-steerkit wrote; ``card`` writes a model card through ``huggingface_hub.ModelCard`` with YAML metadata
-(``base_model``, ``base_model_relation``, ``library_name: steerkit``, tags) and never an absolute local path.
+``push_folder`` uploads a folder steerkit wrote; ``push_to_hub`` takes a SteeringVector, TaskVector, sae-lens SAE
+or such a folder. This module sits above the types it uploads and gives two of them their ``push_to_hub``
+method; reading from the Hub (repo ids wherever a path is taken) is ``steerkit._hub``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-RELATIONS = ("adapter", "merge", "quantized", "finetune")
+from steerkit._hub import REPO_ID, card, is_repo_id, local, name_of
+from steerkit.vector import SteeringVector
+from steerkit.weights.taskvec import TaskVector
 
-
-def is_repo_id(source) -> bool:
-    """``org/name`` or ``org/name@revision`` that is not an existing local path."""
-    text = str(source)
-    return bool(REPO_ID.match(text)) and not Path(text).expanduser().exists()
-
-
-def local(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder (or file) for a path or a Hub repo id; repos resolve through the Hub cache.
-
-    With ``HF_HUB_OFFLINE=1`` only the cache is read. A repo that cannot be found is a FileNotFoundError
-    saying both readings of ``source``.
-    """
-    if not is_repo_id(source):
-        return Path(source).expanduser()
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = str(source).partition("@")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=allow_patterns))
-    except Exception as err:  # offline and not cached, no such repo, gated, network errors
-        raise FileNotFoundError(
-            f"{source!r} is neither a local path nor a Hub repo steerkit could read ({type(err).__name__}: {err}); "
-            "offline (HF_HUB_OFFLINE=1) a repo must already be in the Hub cache"
-        ) from None
-
-
-def name_of(source) -> str:
-    """How a source is named in a card: its repo id, or only the folder or file name of a local path."""
-    if source is None:
-        return "unknown"
-    text = str(source)
-    return text if is_repo_id(text) or REPO_ID.match(text) else Path(text).name
-
-
-def hub_id(source) -> str | None:
-    """The Hub repo a source stands for, if any: a repo id, or an embedded model's origin."""
-    from steerkit.models import EMBEDDED
-
-    text = str(source) if source is not None else ""
-    if text in EMBEDDED:
-        return EMBEDDED[text].hub_id
-    return text.partition("@")[0] if REPO_ID.match(text) and not Path(text).exists() else None
-
-
-def card(
-    title: str,
-    lines: list[str],
-    base_model=None,
-    relation: str | None = None,
-    tags: tuple[str, ...] = (),
-    extra: dict | None = None,
-) -> str:
-    """A model card (YAML metadata + markdown) for something steerkit wrote or pushes."""
-    import datetime
-    import importlib.metadata
-
-    from huggingface_hub import ModelCard, ModelCardData
-
-    if relation is not None and relation not in RELATIONS:
-        raise ValueError(f"relation={relation!r}: expected one of {RELATIONS}")
-    base = hub_id(base_model)
-    data = ModelCardData(
-        library_name="steerkit",
-        tags=["steerkit", *tags],
-        base_model=base,
-        base_model_relation=relation if base else None,
-        **(extra or {}),
-    )
-    try:
-        version = importlib.metadata.version("steerkit")
-    except importlib.metadata.PackageNotFoundError:
-        version = "(not installed)"
-    body = "\n".join(f"- {line}" for line in lines)
-    stamp = datetime.date.today().isoformat()
-    text = f"---\n{data.to_yaml()}\n---\n\n# {title}\n\nWritten by steerkit {version} on {stamp}.\n\n{body}\n"
-    return str(ModelCard(text))
+__all__ = ["is_repo_id", "local", "push_folder", "push_to_hub"]
 
 
 def push_folder(
@@ -168,9 +91,6 @@ def push_to_hub(item, repo_id: str, private: bool = False, token: str | None = N
     wrote (vector file, SAE folder, task-vector folder, LoRA adapter, checkpoint). Returns the commit URL."""
     import tempfile
 
-    from steerkit.vector import SteeringVector
-    from steerkit.weights.taskvec import TaskVector
-
     if isinstance(item, str | os.PathLike) and Path(item).is_file():
         item = SteeringVector.load(item)
     with tempfile.TemporaryDirectory(prefix="steerkit-push-") as tmp:
@@ -191,3 +111,13 @@ def push_to_hub(item, repo_id: str, private: bool = False, token: str | None = N
                 raise FileNotFoundError(f"nothing to push at {folder}")
         _, text = _folder_card(folder)
         return push_folder(folder, repo_id, text, private, token)
+
+
+def _push_method(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload with a model card (``steerkit.push_to_hub``); returns the commit URL. A SteeringVector goes up as
+    ``vector.safetensors`` (+ ``vector.gguf`` for llama.cpp), a TaskVector as its folder."""
+    return push_to_hub(self, repo_id, private=private, token=token)
+
+
+SteeringVector.push_to_hub = _push_method  # (given here, above the data types, so that they import no Hub code)
+TaskVector.push_to_hub = _push_method

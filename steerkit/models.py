@@ -135,7 +135,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
                 f"{key!r} holds no model.safetensors (or its index): steerkit loads safetensors weights only, "
                 "never pickled .bin files"
             )
-        from steerkit.weights.checkpoint import CheckpointReader
+        from steerkit.checkpoint import CheckpointReader
 
         CheckpointReader(source)  # index readable, every shard present and inside the folder
         return source

@@ -84,6 +84,16 @@ def steer(
         return
     vector = as_vector(vector)
     alpha, positions, chosen = _validated(model, vector, alpha, layers, positions, mode)
+    if condition is not None:
+        arch.validate_layer(condition.layer, fingerprint(model)["num_hidden_layers"])
+    with intervene(model, _hooks(vector, alpha, chosen, positions, mode, preserve_norm, condition)):
+        yield model
+
+
+def _hooks(vector: SteeringVector, alpha: float, chosen: list[int], positions, mode: str, preserve_norm: bool,
+           condition) -> dict:  # fmt: skip
+    """``{layer: fn(h, tracker)}`` for ``hooks.intervene``: each steers its block's output; with a condition, a
+    read-only hook at the condition's block if none steers there."""
     decided: dict = {}  # CAST: "rows" -> bool [b], whether the condition fired on each row's prompt
 
     def make_fn(layer: int):
@@ -106,16 +116,22 @@ def steer(
         return fn
 
     fns = {layer: make_fn(layer) for layer in chosen}
-    if condition is not None:
-        arch.validate_layer(condition.layer, fingerprint(model)["num_hidden_layers"])
-        if condition.layer not in fns:  # a hook that only reads, at the condition's block
+    if condition is not None and condition.layer not in fns:  # a hook that only reads, at the condition's block
 
-            def read(h: torch.Tensor, tracker) -> None:
-                _condition_rows(tracker, h, condition.layer, condition, decided)
+        def read(h: torch.Tensor, tracker) -> None:
+            _condition_rows(tracker, h, condition.layer, condition, decided)
 
-            fns[condition.layer] = read
-    with intervene(model, fns):
-        yield model
+        fns[condition.layer] = read
+    return fns
+
+
+def _apply(self: SteeringVector, model, alpha: float = 1.0, **options):
+    """``with vec.apply(model, alpha): ...`` steers like ``steerkit.steer(model, vec, alpha, **options)`` (the habit
+    of steering-vectors users)."""
+    return steer(model, self, alpha, **options)
+
+
+SteeringVector.apply = _apply  # (given here, so that steerkit.vector imports no model code)
 
 
 def _condition_rows(tracker, h: torch.Tensor, layer: int, condition, decided: dict) -> torch.Tensor | None:

@@ -1,6 +1,8 @@
-"""SteeringVector: one direction per layer plus metadata; arithmetic; safetensors and llama.cpp GGUF files.
+"""SteeringVector: one direction per layer plus metadata; arithmetic; safetensors files, and through
+``steerkit.formats`` llama.cpp GGUF files and the vectors of repeng and steering-vectors.
 
-Layer *i* is the output of block *i*, the same numbering as llama.cpp's ``direction.{i}`` tensors.
+Layer *i* is the output of block *i*, the same numbering as llama.cpp's ``direction.{i}`` tensors. This module is
+data and files only: ``steerkit.steer`` gives the class its ``apply`` and ``steerkit.hub`` its ``push_to_hub``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from steerkit._io import atomic_path, save_safetensors
+from steerkit._io import save_safetensors
+from steerkit.formats import gguf, neighbours
 
 FORMAT_VERSION = "1"
 
@@ -23,10 +26,9 @@ def as_vector(vector) -> SteeringVector:
     """A steerkit SteeringVector from one, a steering-vectors SteeringVector or a repeng ControlVector."""
     if isinstance(vector, SteeringVector):
         return vector
-    module = type(vector).__module__
-    if module.startswith("steering_vectors"):
+    if neighbours.is_steering_vectors(vector):
         return SteeringVector.from_steering_vectors(vector)
-    if module.startswith("repeng") or (hasattr(vector, "directions") and hasattr(vector, "model_type")):
+    if neighbours.is_repeng(vector):
         return SteeringVector.from_repeng(vector)
     raise TypeError(
         f"{type(vector).__name__} is not a steering vector steerkit reads: a steerkit, steering-vectors or repeng one"
@@ -186,27 +188,12 @@ class SteeringVector:
     @classmethod
     def from_steering_vectors(cls, vector) -> SteeringVector:
         """A steering-vectors ``SteeringVector`` (its ``decoder_block`` layers are steerkit's layers)."""
-        if getattr(vector, "layer_type", "decoder_block") != "decoder_block":
-            raise ValueError(
-                f"a steering-vectors vector on {vector.layer_type!r} layers: steerkit steers decoder-block outputs"
-            )
-        directions = {int(k): v.detach().float().cpu() for k, v in vector.layer_activations.items()}
-        return cls(directions, {"method": "steering-vectors"})
+        return cls(*neighbours.from_steering_vectors(vector))
 
     @classmethod
     def from_repeng(cls, vector) -> SteeringVector:
         """A repeng ``ControlVector`` (its layer ids are those of its GGUF export, llama.cpp's ``direction.{i}``)."""
-        import numpy as np
-
-        directions = {int(k): torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in vector.directions.items()}
-        return cls(directions, {"method": "repeng", "model_hint": getattr(vector, "model_type", None)})
-
-    def apply(self, model, alpha: float = 1.0, **options):
-        """``with vec.apply(model, alpha): ...`` steers like ``steerkit.steer(model, vec, alpha, **options)``
-        (the habit of steering-vectors users)."""
-        from steerkit.steer import steer
-
-        return steer(model, self, alpha, **options)
+        return cls(*neighbours.from_repeng(vector))
 
     # --- model compatibility -------------------------------------------------------------------
     def check_model(self, hidden_size: int, n_layers: int, model_type: str | None = None) -> None:
@@ -238,7 +225,7 @@ class SteeringVector:
         """Read a steerkit safetensors vector, a llama.cpp control vector (``.gguf``), or a Hub repo id."""
         from safetensors import SafetensorError, safe_open
 
-        from steerkit.hub import is_repo_id
+        from steerkit._hub import is_repo_id
 
         if is_repo_id(path):
             return cls.from_pretrained(path)
@@ -276,7 +263,7 @@ class SteeringVector:
     def from_pretrained(cls, source: str | os.PathLike, filename: str | None = None) -> SteeringVector:
         """A vector from a Hub repo id (``org/name[@revision]``, through the Hub cache) or a local folder or file:
         ``filename``, else ``vector.safetensors``, else the folder's one ``.safetensors`` or ``.gguf`` file."""
-        from steerkit.hub import local
+        from steerkit._hub import local
 
         path = local(source, allow_patterns=[filename] if filename else ["*.safetensors", "*.gguf", "*.md"])
         if path.is_file():
@@ -292,13 +279,6 @@ class SteeringVector:
             )
         return cls.load(found[0])
 
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload as ``vector.safetensors`` (+ ``vector.gguf`` for llama.cpp) with a model card naming the model it
-        was extracted from; returns the commit URL."""
-        from steerkit.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token)
-
     def to_gguf(
         self,
         path: str | os.PathLike,
@@ -311,8 +291,6 @@ class SteeringVector:
 
         An existing file is replaced only with ``force=True``, and never one of ``inputs``.
         """
-        import gguf
-
         layers = self.layers
         if 0 in layers:
             if not skip_layer0:
@@ -323,53 +301,13 @@ class SteeringVector:
             layers = [layer for layer in layers if layer != 0]
         if not layers:
             raise ValueError("nothing to export: the vector has no layer >= 1")
-        fp = self.metadata.get("model") or {}
-        hint = model_hint or fp.get("model_type") or "unknown"
-        with atomic_path(path, force=force, inputs=inputs) as tmp:
-            writer = gguf.GGUFWriter(str(tmp), "controlvector")
-            writer.add_string("controlvector.model_hint", hint)
-            writer.add_uint32("controlvector.layer_count", len(layers))
-            for layer in layers:
-                writer.add_tensor(f"direction.{layer}", self[layer].numpy().astype("float32"))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-        return Path(path)
+        hint = model_hint or (self.metadata.get("model") or {}).get("model_type") or "unknown"
+        return gguf.write(path, {layer: self[layer] for layer in layers}, hint, force=force, inputs=inputs)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> SteeringVector:
         """Read a llama.cpp / repeng control-vector GGUF."""
-        import gguf
-
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError) as err:
-            raise ValueError(f"{path} is not a readable GGUF file: {err}") from None
-        arch_field = reader.fields.get("general.architecture")
-        arch = arch_field.contents() if arch_field is not None else None
-        if arch != "controlvector":
-            raise ValueError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ('controlvector')")
-        directions = {}
-        for tensor in reader.tensors:
-            prefix, _, index = tensor.name.partition(".")
-            if prefix != "direction" or not index.isdigit():
-                raise ValueError(f"{path}: tensor {tensor.name!r} is not named 'direction.{{i}}' with a block index i")
-            if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-                raise ValueError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, expected F32")
-            if len([d for d in tensor.shape if d != 1]) > 1:
-                raise ValueError(f"{path}: tensor {tensor.name} has shape {list(tensor.shape)}, expected 1-D")
-            directions[int(index)] = torch.tensor(tensor.data.copy()).flatten()
-        if not directions:
-            raise ValueError(f"{path} is a control-vector GGUF with no direction.{{i}} tensors")
-        count = reader.fields.get("controlvector.layer_count")
-        if count is not None and int(count.contents()) != len(directions):
-            raise ValueError(
-                f"{path}: controlvector.layer_count is {int(count.contents())} but the file holds "
-                f"{len(directions)} direction tensors"
-            )
-        hint = reader.fields.get("controlvector.model_hint")
-        meta = {"method": "gguf", "model_hint": hint.contents() if hint is not None else None}
+        directions, meta = gguf.read(path)
         try:
             return cls(directions, meta)
         except ValueError as err:

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import steerkit as sk
+from steerkit.checkpoint import parse_size, specs_of
 from steerkit.weights import CheckpointReader, CheckpointWriter
-from steerkit.weights.checkpoint import parse_size, specs_of
 from tests.conftest import make_tiny
 
 

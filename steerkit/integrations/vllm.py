@@ -86,7 +86,7 @@ def _wrap(original, replacement):
 
 @functools.cache
 def _library(hidden_size: int, num_layers: int):
-    from steerkit.serve import Library
+    from steerkit.serve.schema import Library
 
     return Library(os.environ[ENV], hidden_size, num_layers)
 
@@ -103,7 +103,7 @@ def steering_entries(params, vllm_config) -> list | None:
     """A request's steering as checked entries (None if it asks for none); ``VLLMValidationError`` (a 400) if bad."""
     from vllm.exceptions import VLLMValidationError
 
-    from steerkit.serve import RequestError, parse_steering
+    from steerkit.serve.schema import RequestError, parse_steering
 
     spec = (getattr(params, "extra_args", None) or {}).get("steering")
     if spec is None:

@@ -3,11 +3,13 @@
 from steerkit.sae.evaluate import evaluate_sae, top_activations
 from steerkit.sae.io import load_sae
 from steerkit.sae.splice import splice
-from steerkit.sae.train import ARCHS, train_sae
-from steerkit.sae.tune import attach_adapter, sae_tune
+from steerkit.sae.train import ARCHS, TrainConfig, train_sae
+from steerkit.sae.tune import TuneConfig, attach_adapter, sae_tune
 
 __all__ = [
     "ARCHS",
+    "TrainConfig",
+    "TuneConfig",
     "attach_adapter",
     "evaluate_sae",
     "load_sae",

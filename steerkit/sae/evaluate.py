@@ -69,86 +69,112 @@ def evaluate_sae(
         raise ValueError("pass corpus or texts, not both")
     corpus = corpus if corpus is not None or texts is not None else load_corpus("default")
     ctx_len = ctx_len or int(sae.cfg.metadata.get("context_size") or 128)
-    device = arch.input_device(model)
-    if texts is not None:
-        rows = [tok(t, add_special_tokens=False)["input_ids"][:ctx_len] if isinstance(t, str) else None for t in texts]
-        bad = [i for i, row in enumerate(rows) if row is None or len(row) < 3]
-        if not rows or bad:
-            raise ValueError(f"texts: expected strings of at least 3 tokens; bad at {bad[:5] or 'empty list'}")
-        tokens = sum(len(row) - 1 for row in rows)
-        starts = range(0, len(rows), batch_size)
-        batches = (pad_batch(rows[i : i + batch_size], pad_id(tok), "right")[:2] for i in starts)
-        source = f"{len(rows)} texts"
-    else:
-        batches = ((b, torch.ones_like(b)) for b in corpus.batches(tok, ctx_len, batch_size, "heldout"))
-        source = f"corpus {corpus.name!r}"
-    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    sums = {"sq_err": 0.0, "sq": 0.0, "l0": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0}
-    sums.update(kl_sae=0.0, kl_zero=0.0)
-    x_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
-    n_acts = n_preds = outliers = 0
+    batches, tokens, source = _held_out(tok, corpus, texts, ctx_len, batch_size, tokens)
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+    tally = _Tally(sae.cfg.d_in, sae.cfg.d_sae)
+    device = arch.input_device(model)
     bar = tqdm(total=tokens, unit="tok", desc=f"evaluating SAE at layer {layer}", disable=not progress)
     for ids, mask in batches:
-        if n_acts >= tokens:
+        if tally.n_acts >= tokens:
             break
-        ids, mask = ids.to(device), mask.to(device)
-        real, scored = mask[:, 1:].bool(), mask[:, 2:].bool()  # activations after the first token; predictions
-        run = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-        with Recorder(model, [layer]) as rec:
-            clean = model(**run).logits[:, 1:-1][scored]
-        x = rec[layer][:, 1:][real.to(rec[layer].device)].float()
-        sae = on_device(sae, x.device)  # moved once, on the first batch, when the block computes elsewhere
-        inlier = x.norm(dim=-1) <= (max_norm or float("inf"))
-        outliers += int((~inlier).sum())
-        x = x[inlier]
-        acts = sae.encode(x.to(sae.dtype))
-        recon = sae.decode(acts).float()
-        sums["sq_err"] += float((recon - x).pow(2).sum())
-        sums["sq"] += float(x.double().pow(2).sum())
-        x_sum += x.double().sum(0).cpu()
-        active = acts > 0
-        sums["l0"] += float(active.sum())
-        fires += active.sum(0).cpu()
-        n_acts += x.shape[0]
-
-        targets = ids[:, 2:][scored]
-        clean_logp = F.log_softmax(clean.float(), dim=-1)
-        sums["ce_clean"] += float(-clean_logp.gather(-1, targets.unsqueeze(-1)).sum())
-        with splice(model, sae, layer, max_norm=max_norm):
-            ce, kl = _ce_and_kl(model(**run).logits[:, 1:-1][scored], clean_logp, targets)
-        sums["ce_sae"] += ce
-        sums["kl_sae"] += kl
-        with replace_output(model, layer, torch.zeros_like, max_norm=max_norm):
-            ce, kl = _ce_and_kl(model(**run).logits[:, 1:-1][scored], clean_logp, targets)
-        sums["ce_zero"] += ce
-        sums["kl_zero"] += kl
-        n_preds += targets.numel()
-        bar.update(x.shape[0])
+        sae = _score(model, sae, layer, ids.to(device), mask.to(device), max_norm, tally)
+        bar.update(tally.last)
     bar.close()
-    if n_acts == 0:
+    if tally.n_acts == 0:
         raise ValueError(f"{source} gave no held-out tokens to evaluate on")
-    total_var = sums["sq"] - float(x_sum.pow(2).sum()) / n_acts
-    ce_clean, ce_sae, ce_zero = (sums[k] / n_preds for k in ("ce_clean", "ce_sae", "ce_zero"))
-    kl_sae, kl_zero = sums["kl_sae"] / n_preds, sums["kl_zero"] / n_preds
-    frequency = fires.double() / n_acts
-    return {
-        "explained_variance": 1 - sums["sq_err"] / total_var,
-        "mse": sums["sq_err"] / (n_acts * sae.cfg.d_in),
-        "l0": sums["l0"] / n_acts,
-        "dead_fraction": float((fires == 0).double().mean()),
-        "dense_fraction": float((frequency > DENSE_ABOVE).double().mean()),
-        "ce_loss_clean": ce_clean,
-        "ce_loss_spliced": ce_sae,
-        "ce_loss_zero": ce_zero,
-        "ce_loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
-        "kl_spliced": kl_sae,
-        "kl_zero": kl_zero,
-        "kl_score": 1 - kl_sae / kl_zero,
-        "tokens": n_acts,
-        "outlier_fraction": outliers / (n_acts + outliers),
-        "latent_frequency": frequency.float(),
-    }
+    return tally.metrics()
+
+
+def _held_out(tok, corpus, texts, ctx_len: int, batch_size: int, tokens: int):
+    """(batches of (ids, mask), the tokens to score, how the source is named): ``texts`` one per row, cut at
+    ``ctx_len`` and right-padded, all of them; else ``corpus``' held-out split packed into rows of ``ctx_len``."""
+    if texts is None:
+        batches = ((b, torch.ones_like(b)) for b in corpus.batches(tok, ctx_len, batch_size, "heldout"))
+        return batches, tokens, f"corpus {corpus.name!r}"
+    rows = [tok(t, add_special_tokens=False)["input_ids"][:ctx_len] if isinstance(t, str) else None for t in texts]
+    bad = [i for i, row in enumerate(rows) if row is None or len(row) < 3]
+    if not rows or bad:
+        raise ValueError(f"texts: expected strings of at least 3 tokens; bad at {bad[:5] or 'empty list'}")
+    starts = range(0, len(rows), batch_size)
+    batches = (pad_batch(rows[i : i + batch_size], pad_id(tok), "right")[:2] for i in starts)
+    return batches, sum(len(row) - 1 for row in rows), f"{len(rows)} texts"
+
+
+def _score(model, sae, layer: int, ids: torch.Tensor, mask: torch.Tensor, max_norm, tally: _Tally):
+    """One batch three times (clean, SAE spliced, block zero-ablated) into ``tally``; returns the SAE, moved to
+    the block's device on the first batch when the block computes elsewhere."""
+    real, scored = mask[:, 1:].bool(), mask[:, 2:].bool()  # activations after the first token; predictions
+    run = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    with Recorder(model, [layer]) as rec:
+        clean = model(**run).logits[:, 1:-1][scored]
+    x = rec[layer][:, 1:][real.to(rec[layer].device)].float()
+    sae = on_device(sae, x.device)
+    inlier = x.norm(dim=-1) <= (max_norm or float("inf"))
+    x = x[inlier]
+    acts = sae.encode(x.to(sae.dtype))
+    tally.reconstruction(x, acts, sae.decode(acts).float(), outliers=int((~inlier).sum()))
+    targets = ids[:, 2:][scored]
+    clean_logp = F.log_softmax(clean.float(), dim=-1)
+    with splice(model, sae, layer, max_norm=max_norm):
+        spliced = model(**run).logits[:, 1:-1][scored]
+    with replace_output(model, layer, torch.zeros_like, max_norm=max_norm):
+        zero = model(**run).logits[:, 1:-1][scored]
+    tally.losses(clean_logp, targets, spliced, zero)
+    return sae
+
+
+class _Tally:
+    """Running sums over held-out batches: reconstruction and firing per activation, CE and KL per prediction."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.d_in = d_in
+        self.sums = dict.fromkeys(("sq_err", "sq", "l0", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+        self.x_sum = torch.zeros(d_in, dtype=torch.float64)
+        self.n_acts = self.n_preds = self.outliers = self.last = 0
+
+    def reconstruction(self, x: torch.Tensor, acts: torch.Tensor, recon: torch.Tensor, outliers: int) -> None:
+        self.sums["sq_err"] += float((recon - x).pow(2).sum())
+        self.sums["sq"] += float(x.double().pow(2).sum())
+        self.x_sum += x.double().sum(0).cpu()
+        active = acts > 0
+        self.sums["l0"] += float(active.sum())
+        self.fires += active.sum(0).cpu()
+        self.n_acts += x.shape[0]
+        self.outliers += outliers
+        self.last = x.shape[0]
+
+    def losses(self, clean_logp, targets, spliced: torch.Tensor, zero: torch.Tensor) -> None:
+        self.sums["ce_clean"] += float(-clean_logp.gather(-1, targets.unsqueeze(-1)).sum())
+        for name, logits in (("sae", spliced), ("zero", zero)):
+            ce, kl = _ce_and_kl(logits, clean_logp, targets)
+            self.sums[f"ce_{name}"] += ce
+            self.sums[f"kl_{name}"] += kl
+        self.n_preds += targets.numel()
+
+    def metrics(self) -> dict:
+        sums, n_acts, n_preds = self.sums, self.n_acts, self.n_preds
+        total_var = sums["sq"] - float(self.x_sum.pow(2).sum()) / n_acts
+        ce_clean, ce_sae, ce_zero = (sums[k] / n_preds for k in ("ce_clean", "ce_sae", "ce_zero"))
+        kl_sae, kl_zero = sums["kl_sae"] / n_preds, sums["kl_zero"] / n_preds
+        frequency = self.fires.double() / n_acts
+        return {
+            "explained_variance": 1 - sums["sq_err"] / total_var,
+            "mse": sums["sq_err"] / (n_acts * self.d_in),
+            "l0": sums["l0"] / n_acts,
+            "dead_fraction": float((self.fires == 0).double().mean()),
+            "dense_fraction": float((frequency > DENSE_ABOVE).double().mean()),
+            "ce_loss_clean": ce_clean,
+            "ce_loss_spliced": ce_sae,
+            "ce_loss_zero": ce_zero,
+            "ce_loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+            "kl_spliced": kl_sae,
+            "kl_zero": kl_zero,
+            "kl_score": 1 - kl_sae / kl_zero,
+            "tokens": n_acts,
+            "outlier_fraction": self.outliers / (n_acts + self.outliers),
+            "latent_frequency": frequency.float(),
+        }
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def load_sae(sae_or_path, device: str = "cpu", sae_id: str | None = None, subfol
             return SAE.from_pretrained(release=str(sae_or_path), sae_id=sae_id, device=device)
         except Exception as err:  # unknown release or id, not cached offline, network errors
             raise ValueError(f"cannot load sae-lens release {sae_or_path!r}, id {sae_id!r}: {err}") from None
-    from steerkit.hub import local
+    from steerkit._hub import local
 
     path = local(sae_or_path)
     path = confined(path, subfolder, "SAE subfolder") if subfolder else path

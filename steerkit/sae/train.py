@@ -16,14 +16,15 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerkit._config import option
 from steerkit._io import atomic_path, check_output, remove_created
 from steerkit.arch import hidden_size, input_device, layer_list, num_layers
 from steerkit.backends import fingerprint
@@ -35,7 +36,6 @@ from steerkit.hooks import block_device
 from steerkit.sae.io import load_sae
 
 logger = logging.getLogger(__name__)
-ARCHS = ("topk", "batchtopk", "jumprelu", "standard")  # sae-lens architectures steerkit has defaults for
 OUTLIER_FACTOR = 5.0  # a token whose norm exceeds 5× the median is an outlier (attention sink)
 
 
@@ -47,20 +47,26 @@ def _classes(name: str):
     return get_sae_training_class(name)
 
 
-def _arch_options(name: str, k: float, steps: int) -> dict:
-    """Per-architecture defaults: ``k`` is the target L0 of every sparse architecture."""
-    warm = max(1, steps // 20)
-    if name in ("topk", "batchtopk"):
-        return {"k": k}  # AuxK at sae-lens' coefficient 1 (its aux loss is not variance-normalised)
-    if name == "jumprelu":
-        return {
-            "jumprelu_sparsity_loss_mode": "quadratic",
-            "target_l0": float(k),
-            "l0_coefficient": 1.0,
-            "l0_warm_up_steps": warm,
-            "pre_act_loss_coefficient": 3e-6,
-        }
-    return {"l1_coefficient": 5.0, "l1_warm_up_steps": warm}
+def _sparse(k: float, steps: int) -> dict:
+    return {"k": k}  # TopK / BatchTopK; AuxK at sae-lens' coefficient 1 (its aux loss is not variance-normalised)
+
+
+def _jumprelu(k: float, steps: int) -> dict:
+    return {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(k), "l0_coefficient": 1.0,
+            "l0_warm_up_steps": max(1, steps // 20), "pre_act_loss_coefficient": 3e-6}  # fmt: skip
+
+
+def _standard(k: float, steps: int) -> dict:
+    return {"l1_coefficient": 5.0, "l1_warm_up_steps": max(1, steps // 20)}  # ReLU + L1 (k unused)
+
+
+# sae-lens architecture name -> steerkit's defaults for it, from k (the target L0) and the number of steps
+ARCHS: dict[str, Callable[[float, int], dict]] = {
+    "topk": _sparse,
+    "batchtopk": _sparse,
+    "jumprelu": _jumprelu,
+    "standard": _standard,
+}
 
 
 # --- activations -------------------------------------------------------------------------------------------
@@ -295,6 +301,72 @@ def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator:
     return state
 
 
+# --- the configuration ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """How SAEs are trained: the options of ``train_sae``, and of ``steerkit train-sae`` (which takes its options
+    and their help from these fields)."""
+
+    arch: str = option("topk", f"sae-lens architecture: {', '.join(ARCHS)} (standard: ReLU + L1).")
+    d_sae: int | None = option(None, "Latents (default 8 x the model's width).")
+    k: float = option(32, "Active latents per token: TopK's k (whole), BatchTopK's mean k, JumpReLU's target L0.")
+    tokens: int = option(2_000_000, "Training tokens.")
+    ctx_len: int = option(128, "Tokens per packed sequence.")
+    batch_size: int = option(1024, "Activations per SAE step, over all ranks together.")
+    model_batch: int = option(32, "Sequences per forward pass of the model.")
+    lr: float | None = option(None, "Adam learning rate (default 2e-4 * sqrt(16384 / d_sae)).")
+    dead_window: int = option(500_000, "Tokens without firing after which a latent counts as dead (AuxK's window).")
+    buffer_tokens: int = option(131_072, "Activations the shuffle buffer mixes.")
+    checkpoint_every: int | None = option(None, "Save a checkpoint to OUTPUT.ckpt every N tokens.")
+    resume: bool = option(False, "Continue from OUTPUT.ckpt (same settings and number of ranks).")
+    seed: int = option(0, "Seed of the SAE's initialisation and of the shuffling.")
+    autocast: bool = option(False, "Run the SAE's matmuls in bf16 (parameters and Adam stay float32).")
+
+    def checked(self, d_in: int, ranks: int) -> TrainConfig:
+        """This config with its defaults filled in for a model of width ``d_in`` trained on ``ranks`` ranks;
+        ValueError naming the first option out of range."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r}: expected one of {tuple(ARCHS)}")
+        d_sae = 8 * d_in if self.d_sae is None else self.d_sae
+        for name, value in {"d_sae": d_sae, "tokens": self.tokens, "batch_size": self.batch_size,
+                            "model_batch": self.model_batch}.items():  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        k = self.k
+        if not (isinstance(k, int | float) and 0 < k <= d_sae):
+            raise ValueError(f"k={k!r}: expected a number in (0, d_sae={d_sae}]")
+        if self.arch == "topk":
+            if float(k) != int(k):
+                raise ValueError(f"k={k!r}: TopK needs a whole number of latents (batchtopk takes a mean k)")
+            k = int(k)
+        if self.batch_size % ranks:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over {ranks} ranks: use a multiple of {ranks} "
+                "(each rank takes batch_size / world size activations a step)"
+            )
+        if self.tokens // self.batch_size < 1:
+            raise ValueError(f"tokens={self.tokens} is less than one batch of {self.batch_size}")
+        lr = 2e-4 * math.sqrt(16384 / d_sae) if self.lr is None else self.lr
+        return replace(self, d_sae=d_sae, k=k, lr=lr)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+
+@dataclass
+class _Position:
+    """Where a run stands: SAE steps taken, this rank's sequences read (every W-th of the corpus, from the
+    rank-th), its outlier counts and its shuffling generator."""
+
+    step: int
+    consumed: int
+    counts: dict
+    generator: torch.Generator
+
+
 # --- the public entry point -------------------------------------------------------------------------------------
 
 
@@ -303,161 +375,152 @@ def train_sae(
     tok,
     corpus: Corpus,
     layer: int | Sequence[int],
-    arch: str = "topk",
-    d_sae: int | None = None,
-    k: float = 32,
-    tokens: int = 2_000_000,
-    ctx_len: int = 128,
-    batch_size: int = 1024,
-    model_batch: int = 32,
-    lr: float | None = None,
-    dead_window: int = 500_000,
-    buffer_tokens: int = 131_072,
     out: str | Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    autocast: bool = False,
+    config: TrainConfig | None = None,
     progress: bool = True,
     force: bool = False,
-    **arch_options,
+    **options,
 ):
     """Train an SAE on block ``layer``'s output (a list of layers: one SAE each, from one pass of the model).
 
     Returns a ``sae_lens.SAE`` (a dict ``{layer: SAE}`` for a list), reloaded from the sae-lens directory it
-    wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics.
-    ``d_sae`` defaults to 8 × d_model; ``k`` is TopK's k and JumpReLU's target L0; ``lr`` defaults to
-    2e-4·√(16384 / d_sae). ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True`` continues
-    an interrupted run (from the next unread sequence, with the same Adam moments and shuffling). An
+    wrote to ``out`` (with a list: ``out/layer_{i}``); its ``training_log`` lists the logged metrics. The
+    options are ``config``'s (a ``TrainConfig``) with any of its fields given as keywords on top; other keywords
+    go to sae-lens' training config. ``checkpoint_every`` (tokens) saves to ``{out}.ckpt`` so ``resume=True``
+    continues an interrupted run (from the next unread sequence, with the same Adam moments and shuffling). An
     existing ``out`` (or an old checkpoint, unless resuming) is an error before training starts, unless
-    ``force=True``. ``autocast=True`` runs the SAE's matmuls in bf16 (parameters and Adam stay float32;
-    1.6× faster on a CPU with AMX). ``arch_options`` go to sae-lens' training config.
+    ``force=True``.
     """
+    names = {f.name for f in fields(TrainConfig)}
+    config = replace(config or TrainConfig(), **{key: v for key, v in options.items() if key in names})
+    arch_options = {key: v for key, v in options.items() if key not in names}
     single = isinstance(layer, int)
     layers = layer_list(layer, num_layers(model), name="layer")
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
     if not isinstance(corpus, Corpus):
         raise TypeError(f"corpus must be a steerkit Corpus (see load_corpus), got {type(corpus).__name__}")
-    d_in = hidden_size(model)
-    d_sae = 8 * d_in if d_sae is None else d_sae
-    for name, value in {"d_sae": d_sae, "tokens": tokens, "batch_size": batch_size, "model_batch": model_batch}.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
-    if not (isinstance(k, int | float) and 0 < k <= d_sae):
-        raise ValueError(f"k={k!r}: expected a number in (0, d_sae={d_sae}]")
-    if arch == "topk":
-        if float(k) != int(k):
-            raise ValueError(f"k={k!r}: TopK needs a whole number of latents (batchtopk takes a mean k)")
-        k = int(k)
-    if (checkpoint_every or resume) and out is None:
+    rank, size = world()
+    config = config.checked(hidden_size(model), size)
+    out, ckpt = _outputs(out, config, corpus, force)
+    runs = _new_runs(model, corpus, layers, config, arch_options)
+    position = _Position(0, 0, {"excluded": 0, "seen": 0}, torch.Generator().manual_seed(config.seed + rank))
+    if config.resume:
+        state = _load_checkpoint(ckpt, runs, _settings(config, layers), position.generator)
+        position.step, position.consumed = state["step"], state["consumed"][rank]
+        position.counts.update(state["counts"][rank])
+    logger.info(
+        "training %s SAE(s) on layer(s) %s: %d tokens in %d steps of %d, %d rank(s), from step %d", config.arch,
+        layers, config.tokens, config.steps, config.batch_size, size, position.step,
+    )  # fmt: skip
+    _train(model, tok, corpus, runs, config, position, ckpt, progress)
+    return _finish(runs, position.step * config.batch_size, position.counts, out, ckpt, single, force)
+
+
+def _outputs(out, config: TrainConfig, corpus: Corpus, force: bool) -> tuple[Path | None, Path | None]:
+    """The output folder and its checkpoint folder, checked before hours of training, not after."""
+    if (config.checkpoint_every or config.resume) and out is None:
         raise ValueError("checkpoint_every and resume need out= (checkpoints go to {out}.ckpt)")
-    out = Path(out) if out is not None else None
-    ckpt = out.with_name(out.name + ".ckpt") if out is not None else None
-    if out is not None:  # before hours of training, not after
-        check_output(out, force=force, directory=True, inputs=[corpus.source] if corpus.source else ())
-    if resume and not (ckpt / "state.json").is_file():
+    if out is None:
+        return None, None
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    check_output(out, force=force, directory=True, inputs=[corpus.source] if corpus.source else ())
+    if config.resume and not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
-    if checkpoint_every and not resume and ckpt.exists() and not force:
+    if config.checkpoint_every and not config.resume and ckpt.exists() and not force:
         raise FileExistsError(
             f"{ckpt} holds an earlier run's checkpoint: pass resume=True to continue it, or force=True"
         )
+    return out, ckpt
 
-    rank, size = world()
-    if batch_size % size:
-        raise ValueError(
-            f"batch_size={batch_size} does not split evenly over {size} ranks: use a multiple of {size} "
-            "(each rank takes batch_size / world size activations a step)"
-        )
-    lr = 2e-4 * math.sqrt(16384 / d_sae) if lr is None else lr
-    total_steps = tokens // batch_size
-    if total_steps < 1:
-        raise ValueError(f"tokens={tokens} is less than one batch of {batch_size}")
-    options = {**_arch_options(arch, k, total_steps), **arch_options}
-    fp = fingerprint(model)
-    meta = {
-        "model_name": fp["name"],
-        "context_size": ctx_len,
-        "prepend_bos": False,
-        "dataset_path": corpus.name,
-        "steerkit": {"layer_index": None, "corpus_fingerprint": corpus.fingerprint, "first_position": "excluded"},
-    }
-    torch.manual_seed(seed)
+
+def _settings(config: TrainConfig, layers: list[int]) -> dict:
+    """What a checkpoint must have been made with to be resumed."""
+    return {"arch": config.arch, "layers": layers, "d_sae": config.d_sae, "k": config.k, "ctx_len": config.ctx_len,
+            "batch_size": config.batch_size}  # fmt: skip
+
+
+def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: TrainConfig, arch_options: dict) -> dict:
+    """One fresh SAE and optimiser per layer, on its block's device, seeded by ``config.seed``."""
+    options = {**ARCHS[config.arch](config.k, config.steps), **arch_options}
+    meta = {"model_name": fingerprint(model)["name"], "context_size": config.ctx_len, "prepend_bos": False,
+            "dataset_path": corpus.name}  # fmt: skip
+    torch.manual_seed(config.seed)
     runs = {}
     for value in layers:
-        meta["steerkit"] = {**meta["steerkit"], "layer_index": value}
-        info = {**meta, "steerkit": dict(meta["steerkit"])}
-        runs[value] = _new_run(arch, value, d_in, d_sae, options, lr, info, block_device(model, value))
-    settings = {"arch": arch, "layers": layers, "d_sae": d_sae, "k": k, "ctx_len": ctx_len, "batch_size": batch_size}
-    step, consumed = 0, 0  # consumed: this rank's sequences (every W-th of the corpus, from the rank-th)
-    counts = {"excluded": 0, "seen": 0}  # outlier tokens left out of training (this rank)
-    generator = torch.Generator().manual_seed(seed + rank)
-    if resume:
-        state = _load_checkpoint(ckpt, runs, settings, generator)
-        step, consumed = state["step"], state["consumed"][rank]
-        counts.update(state["counts"][rank])
-    logger.info(
-        "training %s SAE(s) on layer(s) %s: %d tokens in %d steps of %d, %d rank(s)%s",
-        arch, layers, tokens, total_steps, batch_size, size, f", resumed at step {step}" if step else "",
-    )  # fmt: skip
-    local_batch = batch_size // size
-    buffer = ShuffleBuffer(max(min(buffer_tokens, tokens) // size, 2 * local_batch), local_batch, generator)
-    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", disable=not progress or rank != 0)
-    bar.set_description(f"SAE {arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
-    log_every = max(1, total_steps // 100)
-    next_ckpt = step * batch_size + checkpoint_every if checkpoint_every else None
+        steerkit = {"layer_index": value, "corpus_fingerprint": corpus.fingerprint, "first_position": "excluded"}
+        runs[value] = _new_run(config.arch, value, hidden_size(model), config.d_sae, options, config.lr,
+                               {**meta, "steerkit": steerkit}, block_device(model, value))  # fmt: skip
+    return runs
 
-    def batches() -> Iterator[dict[int, torch.Tensor]]:
-        nonlocal consumed
-        skip = rank + consumed * size
-        for chunk in corpus.batches(tok, ctx_len, model_batch, "train", skip=skip, shard=(rank, size)):
-            consumed += chunk.shape[0]
-            acts = block_activations(model, chunk, layers)
-            for run in runs.values():
-                if run.scale is None:
-                    _first_batch(run, acts[run.layer], d_in)
-            keep = torch.stack([acts[v].norm(dim=-1) <= runs[v].max_norm for v in layers]).all(0)
-            counts["excluded"] += int((~keep).sum())
-            counts["seen"] += keep.numel()
-            yield from buffer.add({v: x[keep] for v, x in acts.items()}, (total_steps - step) * local_batch)
-        yield from buffer.drain()
 
-    source = batches()
+def _activations(model, tok, corpus: Corpus, runs: dict, config: TrainConfig, position: _Position):
+    """Shuffled batches ``{layer: [batch_size / W, d]}`` of this rank's activations, outliers left out, until the
+    corpus ends; the first batch sets each SAE's scale and outlier norm."""
+    rank, size = world()
+    local_batch = config.batch_size // size
+    capacity = max(min(config.buffer_tokens, config.tokens) // size, 2 * local_batch)
+    buffer = ShuffleBuffer(capacity, local_batch, position.generator)
+    skip = rank + position.consumed * size
+    for chunk in corpus.batches(tok, config.ctx_len, config.model_batch, "train", skip=skip, shard=(rank, size)):
+        position.consumed += chunk.shape[0]
+        acts = block_activations(model, chunk, list(runs))
+        for run in runs.values():
+            if run.scale is None:
+                _first_batch(run, acts[run.layer], hidden_size(model))
+        keep = torch.stack([acts[v].norm(dim=-1) <= run.max_norm for v, run in runs.items()]).all(0)
+        position.counts["excluded"] += int((~keep).sum())
+        position.counts["seen"] += keep.numel()
+        remaining = (config.steps - position.step) * local_batch
+        yield from buffer.add({v: x[keep] for v, x in acts.items()}, remaining)
+    yield from buffer.drain()
+
+
+def _train(model, tok, corpus, runs: dict, config: TrainConfig, position: _Position, ckpt, progress: bool) -> None:
+    """Adam steps until ``config.tokens``, logging about 100 times and checkpointing every ``checkpoint_every``."""
+    layers, steps, batch = list(runs), config.steps, config.batch_size
+    bar = tqdm(total=steps * batch, initial=position.step * batch, unit="tok", disable=not progress or world()[0])
+    bar.set_description(f"SAE {config.arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
+    log_every = max(1, steps // 100)
+    next_ckpt = position.step * batch + config.checkpoint_every if config.checkpoint_every else None
+    source = _activations(model, tok, corpus, runs, config, position)
     try:
-        while step < total_steps:
+        while position.step < steps:
             acts = next(source, None)
             if not _all_have(acts is not None):  # a rank ran out of text: every rank stops here
                 break
-            with torch.autocast(acts[layers[0]].device.type, dtype=torch.bfloat16, enabled=autocast):
-                logs = {value: runs[value].step(acts[value], step, total_steps, lr, dead_window) for value in layers}
-            step += 1
-            bar.update(batch_size)
+            with torch.autocast(acts[layers[0]].device.type, dtype=torch.bfloat16, enabled=config.autocast):
+                logs = {v: runs[v].step(acts[v], position.step, steps, config.lr, config.dead_window) for v in layers}
+            position.step += 1
+            bar.update(batch)
             first = logs[layers[0]]
-            bar.set_postfix(
-                L0=f"{first['l0']:.1f}", EV=f"{first['explained_variance']:.3f}", dead=f"{first['dead_fraction']:.1%}"
-            )
-            if step % log_every == 0 or step == total_steps:
-                for value, log in logs.items():
-                    runs[value].history.append({**_mean_over_ranks(log), "tokens": step * batch_size})
-            if next_ckpt is not None and step * batch_size >= next_ckpt and step < total_steps:
-                _checkpoint(ckpt, runs, step, consumed, counts, settings, generator)
-                next_ckpt += checkpoint_every
+            bar.set_postfix(L0=f"{first['l0']:.1f}", EV=f"{first['explained_variance']:.3f}",
+                            dead=f"{first['dead_fraction']:.1%}")  # fmt: skip
+            if position.step % log_every == 0 or position.step == steps:
+                for v, log in logs.items():
+                    runs[v].history.append({**_mean_over_ranks(log), "tokens": position.step * batch})
+            if next_ckpt is not None and position.step * batch >= next_ckpt and position.step < steps:
+                _checkpoint(ckpt, runs, position, _settings(config, layers))
+                next_ckpt += config.checkpoint_every
     finally:
         bar.close()
-    if step < total_steps:
+    if position.step < steps:
         raise ValueError(
-            f"corpus {corpus.name!r} ran out after {step * batch_size} of {tokens} tokens: "
+            f"corpus {corpus.name!r} ran out after {position.step * batch} of {config.tokens} tokens: "
             "pass a larger corpus or fewer tokens"
         )
-    trained = step * batch_size
+
+
+def _finish(runs: dict, trained: int, counts: dict, out: Path | None, ckpt: Path | None, single: bool, force: bool):
+    """Write the SAEs (rank 0; to a temporary folder without ``out``), drop the checkpoint, read them back."""
     totals = all_reduce(torch.tensor([counts["excluded"], counts["seen"]]), "sum", "counting outliers").tolist()
     counts = {"excluded": totals[0], "seen": totals[1]}
+    first = next(iter(runs))
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:
             _write(runs, trained, Path(tmp), single, counts)
             result = _read(runs, Path(tmp), single)
-        return result[layers[0]] if single else result
-    if rank == 0:  # one writer; the other ranks read what it wrote
+        return result[first] if single else result
+    if world()[0] == 0:  # one writer; the other ranks read what it wrote
         with atomic_path(out, force=force, directory=True) as tmp:
             tmp.mkdir()
             _write(runs, trained, tmp, single, counts)
@@ -465,7 +528,7 @@ def train_sae(
             remove_created(ckpt)
     barrier("waiting for rank 0 to write the SAE")
     result = _read(runs, out, single)
-    return result[layers[0]] if single else result
+    return result[first] if single else result
 
 
 def _first_batch(run: _Run, acts: torch.Tensor, d_in: int) -> None:
@@ -479,21 +542,22 @@ def _first_batch(run: _Run, acts: torch.Tensor, d_in: int) -> None:
     run.sae.b_dec.data = broadcast((inliers.mean(0) * run.scale).to(run.sae.b_dec.dtype))
 
 
-def _checkpoint(ckpt: Path, runs: dict, step: int, consumed: int, counts: dict, settings: dict, generator) -> None:
+def _checkpoint(ckpt: Path, runs: dict, position: _Position, settings: dict) -> None:
     """Every rank's data position, counters and shuffle RNG, written by rank 0."""
-    positions = [int(x) for x in all_gather(torch.tensor([consumed]), "checkpointing")]
+    counts = position.counts
+    positions = [int(x) for x in all_gather(torch.tensor([position.consumed]), "checkpointing")]
     tallies = [t.tolist() for t in all_gather(torch.tensor([[counts["excluded"], counts["seen"]]]), "checkpointing")]
-    rngs = [r[0] for r in all_gather(generator.get_state().unsqueeze(0), "checkpointing")]
+    rngs = [r[0] for r in all_gather(position.generator.get_state().unsqueeze(0), "checkpointing")]
     if world()[0] == 0:
         state = {
-            "step": step,
+            "step": position.step,
             "consumed": positions,
             "counts": [{"excluded": t[0][0], "seen": t[0][1]} for t in tallies],
             "world_size": len(positions),
             "config": settings,
         }
         _save_checkpoint(ckpt, runs, state, rngs)
-        logger.debug("checkpoint at step %d written to %s", step, ckpt)
+        logger.debug("checkpoint at step %d written to %s", position.step, ckpt)
     barrier("waiting for rank 0 to write a checkpoint")
 
 

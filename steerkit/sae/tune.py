@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,16 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerkit._config import option
+from steerkit._hub import card, name_of
 from steerkit._io import atomic_path, check_output, confined
 from steerkit.arch import input_device
 from steerkit.backends import fingerprint
 from steerkit.batching import pad_batch, pad_id
-from steerkit.hub import card, name_of
 from steerkit.sae.io import check_sae, load_sae, sae_layer
 from steerkit.sae.splice import splice
 
 LOSSES = ("kl", "ce")
-DEFAULT_LORA = {"r": 32, "lora_alpha": 128, "lora_dropout": 0.05, "target_modules": "all-linear"}
+DEFAULT_LORA = {"lora_dropout": 0.05, "target_modules": "all-linear"}  # (rank and alpha: TuneConfig)
 FAMILY_FILE = "steerkit_adapter.json"
 
 
@@ -71,6 +73,34 @@ def _batch(tok, examples: list[tuple[str, str]], max_length: int):
     return input_ids, mask, answer
 
 
+@dataclass
+class TuneConfig:
+    """How SAE-tuning trains: the options of ``sae_tune``, and of ``steerkit sae-tune`` (which takes its options
+    and their help from these fields)."""
+
+    loss: str = option("kl", "kl (Resa: match the untouched target, no labels) or ce (the answers' tokens).")
+    grad_through_sae: bool = option(True, "Let gradients flow through the frozen SAE (off: Resa's released code).")
+    skip_first: bool = option(True, "Leave each row's first token unspliced (as splice does by default).")
+    epochs: int = option(2, "Passes over the data.")
+    lr: float = option(1e-4, "AdamW learning rate.")
+    batch_size: int = option(8, "Examples per step.")
+    max_length: int = option(256, "Tokens per example (prompt and answer), cut beyond.")
+    rank: int = option(32, "LoRA rank.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default 4 x rank, as Resa's 32 / 128).")
+    seed: int = option(0, "Seed of the LoRA initialisation and the example order.")
+    autocast: bool = option(False, "Forward passes in bf16 (the adapters and AdamW stay float32).")
+
+    def checked(self) -> TuneConfig:
+        """ValueError naming the first option out of range."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES}")
+        for name in ("epochs", "batch_size", "max_length", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        return self
+
+
 def sae_tune(
     target: nn.Module,
     tok,
@@ -78,19 +108,12 @@ def sae_tune(
     layer: int | None,
     data: Sequence,
     lora: dict | None = None,
-    loss: str = "kl",
-    grad_through_sae: bool = True,
-    skip_first: bool = True,
-    epochs: int = 2,
-    lr: float = 1e-4,
-    batch_size: int = 8,
-    max_length: int = 256,
     out: str | Path | None = None,
     merge: bool = False,
     force: bool = False,
-    seed: int = 0,
-    autocast: bool = False,
     progress: bool = True,
+    config: TuneConfig | None = None,
+    **options,
 ) -> nn.Module:
     """LoRA-tune a copy of ``target`` with ``sae`` spliced in at ``layer``; the target itself is not changed.
 
@@ -98,16 +121,14 @@ def sae_tune(
 
     Returns the adapted model (a peft model) or, with ``merge=True``, a plain transformers model with the
     LoRA merged in. ``out`` saves the adapter (or, merged, a full checkpoint); ``history`` on the result
-    lists the loss per step. ``lora`` updates the defaults {r: 32, lora_alpha: 128, lora_dropout: 0.05,
-    target_modules: "all-linear"} (Resa's rank and α, on every linear layer but the LM head). ``skip_first``
-    leaves each row's first token unspliced, as ``splice`` does by default. ``autocast=True`` runs the forward
-    passes in bf16 (the adapters and AdamW stay float32; about 2× faster on a CPU with AMX).
+    lists the loss per step. The options are ``config``'s (a ``TuneConfig``) with any of its fields given as
+    keywords on top; ``lora`` updates peft's LoRA settings (by default dropout 0.05 on every linear layer but the
+    LM head, rank and alpha from the config). ``autocast=True`` is about 2× faster on a CPU with AMX.
     """
     from peft import LoraConfig, get_peft_model
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
-    if sae is None and loss == "kl":
+    config = replace(config or TuneConfig(), **options).checked()
+    if sae is None and config.loss == "kl":
         raise ValueError("without an SAE the kl loss is zero: pass an SAE, or loss='ce' for plain LoRA SFT")
     sae_source = sae
     if sae is not None:
@@ -115,64 +136,15 @@ def sae_tune(
         check_sae(sae, target)
         sae.requires_grad_(False)
         layer = sae_layer(sae, layer)
-    examples = _examples(data, loss)
-    for name, value in {"epochs": epochs, "batch_size": batch_size, "max_length": max_length}.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
+    examples = _examples(data, config.loss)
     if out is not None:  # refuse a bad output before training, not after
-        check_output(
-            out, force=force, inputs=[sae_source] if isinstance(sae_source, str | Path) else [], directory=True
-        )
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(target), LoraConfig(**{**DEFAULT_LORA, **(lora or {})}))
-    base = model.get_base_model()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    device = input_device(base)
-    order = torch.Generator().manual_seed(seed)
-    steps = epochs * math.ceil(len(examples) / batch_size)
-    history = []
-    bar = tqdm(total=steps, desc=f"SAE-tuning ({loss})", disable=not progress)
-    for _ in range(epochs):
-        perm = torch.randperm(len(examples), generator=order).tolist()
-        for start in range(0, len(perm), batch_size):
-            chunk = [examples[i] for i in perm[start : start + batch_size]]
-            input_ids, mask, answer = (t.to(device) for t in _batch(tok, chunk, max_length))
-            low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
-            if loss == "kl":
-                with torch.no_grad(), model.disable_adapter(), low:
-                    teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-            spliced = (
-                splice(base, sae, layer, skip_first=skip_first, grad_through_sae=grad_through_sae)
-                if sae is not None
-                else contextlib.nullcontext()
-            )
-            with spliced, low:
-                logits = base(input_ids=input_ids, attention_mask=mask).logits.float()
-            student = F.log_softmax(logits, -1)
-            if loss == "kl":
-                real = mask.bool()
-                value = (teacher.exp() * (teacher - student)).sum(-1)[real].mean()
-            else:
-                targets = answer[:, 1:]  # position t predicts token t + 1
-                picked = student[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                if not targets.any():
-                    raise ValueError("no answer tokens in a batch: are the answers empty or cut by max_length?")
-                value = -picked[targets].mean()
-            if not torch.isfinite(value):
-                raise ValueError(
-                    f"the {loss} loss is {float(value)} at step {len(history) + 1} (lr={lr:g}): training diverged; "
-                    "nothing was written"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            history.append(float(value.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
-    bar.close()
+        inputs = [sae_source] if isinstance(sae_source, str | Path) else []
+        check_output(out, force=force, inputs=inputs, directory=True)
+    torch.manual_seed(config.seed)
+    alpha = config.lora_alpha if config.lora_alpha is not None else 4 * config.rank
+    settings = {**DEFAULT_LORA, "r": config.rank, "lora_alpha": alpha, **(lora or {})}
+    model = get_peft_model(copy.deepcopy(target), LoraConfig(**settings))
+    history = _tune(model, tok, sae, layer, examples, config, progress)
     model.eval()
     if merge:
         model = model.merge_and_unload()
@@ -183,6 +155,63 @@ def sae_tune(
             save_adapter(model, out, force=force)
     model.history = history
     return model
+
+
+def _tune(model, tok, sae, layer: int | None, examples: list, config: TuneConfig, progress: bool) -> list[float]:
+    """AdamW on the LoRA parameters over ``config.epochs`` shuffled passes; the loss of every step."""
+    base = model.get_base_model()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    device = input_device(base)
+    order = torch.Generator().manual_seed(config.seed)
+    history = []
+    bar = tqdm(total=config.epochs * math.ceil(len(examples) / config.batch_size), desc=f"SAE-tuning ({config.loss})",
+               disable=not progress)  # fmt: skip
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(examples), generator=order).tolist()
+        for start in range(0, len(perm), config.batch_size):
+            chunk = [examples[i] for i in perm[start : start + config.batch_size]]
+            batch = [t.to(device) for t in _batch(tok, chunk, config.max_length)]
+            value = _loss(model, base, sae, layer, batch, config)
+            if not torch.isfinite(value):
+                raise ValueError(
+                    f"the {config.loss} loss is {float(value)} at step {len(history) + 1} (lr={config.lr:g}): "
+                    "training diverged; nothing was written"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            history.append(float(value.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    bar.close()
+    return history
+
+
+def _loss(model, base, sae, layer: int | None, batch: list[torch.Tensor], config: TuneConfig) -> torch.Tensor:
+    """One batch's loss with the SAE spliced in: KL to the adapter-free model on every real token (``kl``), or
+    cross-entropy on the answer tokens (``ce``)."""
+    input_ids, mask, answer = batch
+    low = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=config.autocast)
+    if config.loss == "kl":
+        with torch.no_grad(), model.disable_adapter(), low:
+            teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+    spliced = (
+        splice(base, sae, layer, skip_first=config.skip_first, grad_through_sae=config.grad_through_sae)
+        if sae is not None
+        else contextlib.nullcontext()
+    )
+    with spliced, low:
+        student = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+    if config.loss == "kl":
+        return (teacher.exp() * (teacher - student)).sum(-1)[mask.bool()].mean()
+    targets = answer[:, 1:]  # position t predicts token t + 1
+    if not targets.any():
+        raise ValueError("no answer tokens in a batch: are the answers empty or cut by max_length?")
+    picked = student[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return -picked[targets].mean()
 
 
 def save_adapter(model: nn.Module, out: str | Path, force: bool = False) -> Path:
@@ -205,7 +234,7 @@ def save_adapter(model: nn.Module, out: str | Path, force: bool = False) -> Path
 def save_checkpoint(model: nn.Module, tok, out: str | Path, force: bool = False, inputs=()) -> Path:
     """A plain model's weights, config, generation config and tokenizer files through steerkit's checkpoint
     writer (tied tensors once, as transformers writes them)."""
-    from steerkit.weights.checkpoint import CheckpointWriter, specs_of
+    from steerkit.checkpoint import CheckpointWriter, specs_of
 
     tensors, seen = [], set()
     for name, tensor in model.state_dict().items():
@@ -238,7 +267,7 @@ def attach_adapter(model: nn.Module, adapter: str | Path, merge: bool = False) -
     """Put a saved SAE-tuning adapter onto (a copy of) another model of the same family (Resa's modularity)."""
     from peft import PeftModel
 
-    from steerkit.hub import local
+    from steerkit._hub import local
 
     path = local(adapter)
     if not confined(path, "adapter_config.json", "adapter file").is_file():

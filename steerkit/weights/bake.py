@@ -27,9 +27,9 @@ import torch
 
 from steerkit import arch
 from steerkit._checks import finite
-from steerkit.hub import card, name_of
+from steerkit._hub import card, name_of
+from steerkit.checkpoint import CheckpointReader, CheckpointWriter, Spec
 from steerkit.vector import SteeringVector, as_vector
-from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter, Spec
 from steerkit.weights.taskvec import _reader, layer_of
 
 log = logging.getLogger(__name__)
@@ -313,18 +313,7 @@ def bake(
     missing = [layer for layer in chosen if layer not in vector]
     if missing:
         raise ValueError(f"layers {missing} are not in the vector (it has {vector.layers})")
-    steer = {}
-    for i in chosen:  # α·v must be finite in the dtype the bias is stored in
-        name = plan.bias(i)
-        if name not in plan.tensors.items:
-            raise ValueError(f"the checkpoint has no bias tensor {name!r} to carry the vector")
-        dtype = plan.tensors.items[name][0][1]
-        if not bool(torch.isfinite((alpha * vector[i].double()).to(dtype)).all()):
-            raise ValueError(
-                f"alpha={alpha:g} times the layer-{i} direction (norm {float(vector[i].norm()):.4g}) is not finite in "
-                f"{str(dtype).removeprefix('torch.')}: use a smaller alpha; nothing was written"
-            )
-        steer[name] = alpha * vector[i]
+    steer = _biases(plan, vector, alpha, chosen)
     log.info("baking into %s: %s", reader.path.name, plan.note.split(";")[0])
     error = check_equivalent(reader, plan)
     log.debug("rewritten architecture checked: relative logit error %.1e without the vector", error)
@@ -349,3 +338,20 @@ def bake(
         tags = ("steering-vector", "bake")
         writer.add_file("README.md", card("Steered checkpoint", lines, base_model=base, relation="finetune", tags=tags))
     return Path(out)
+
+
+def _biases(plan: _Plan, vector: SteeringVector, alpha: float, chosen: list[int]) -> dict[str, torch.Tensor]:
+    """``{bias tensor name: α·v}`` for the chosen layers; α·v must be finite in the dtype the bias is stored in."""
+    steer = {}
+    for i in chosen:
+        name = plan.bias(i)
+        if name not in plan.tensors.items:
+            raise ValueError(f"the checkpoint has no bias tensor {name!r} to carry the vector")
+        dtype = plan.tensors.items[name][0][1]
+        if not bool(torch.isfinite((alpha * vector[i].double()).to(dtype)).all()):
+            raise ValueError(
+                f"alpha={alpha:g} times the layer-{i} direction (norm {float(vector[i].norm()):.4g}) is not finite in "
+                f"{str(dtype).removeprefix('torch.')}: use a smaller alpha; nothing was written"
+            )
+        steer[name] = alpha * vector[i]
+    return steer

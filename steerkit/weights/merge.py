@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from steerkit import arch
 from steerkit._checks import finite
-from steerkit.hub import card, name_of
-from steerkit.weights.checkpoint import CheckpointWriter
+from steerkit._hub import card, name_of
+from steerkit.checkpoint import CheckpointWriter
 from steerkit.weights.taskvec import TaskVector, _Deltas, _reader, delta_shape, layer_of, sources
 
 log = logging.getLogger(__name__)
@@ -209,14 +209,43 @@ def merge(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
-    if not vectors:
-        raise ValueError("no vectors to merge")
     from steerkit.models import check_dtype
 
     dtype = check_dtype(dtype)
     scale = finite(scale, "scale")
     reader = _reader(base)
-    config = reader.config()
+    loaded = _loaded(vectors, density)
+    scales = _layer_scales(alpha_by_layer, _depth(reader))
+    _check_fits(loaded, reader)  # everything is validated before a byte is written
+    log.info("merging %d task vector(s) into %s (%s)", len(loaded), reader.path.name, method)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [path for tv, _, _ in loaded for path in sources(tv.deltas)]
+    specs = {name: reader.spec(name) for name in reader}
+    if dtype is not None:
+        specs = {name: (shape, dtype if kind.is_floating_point else kind) for name, (shape, kind) in specs.items()}
+    with CheckpointWriter(out, specs, max_shard_size, source=reader.path, force=force, inputs=inputs) as writer:
+        for name in tqdm(reader, desc="merge", disable=(not progress) if progress is not None else None):
+            tensor = reader[name]
+            factor = scales.get(layer_of(name), 1.0)
+            parts = [Part(_source(tv.deltas, name), alpha * factor, share) for tv, alpha, share in loaded
+                     if name in tv.deltas and alpha * factor != 0]  # fmt: skip
+            if parts and tensor.is_floating_point():
+                tensor = combine(tensor, parts, method, generator, normalize, rescale, scale)
+                if not torch.isfinite(tensor).all():
+                    alphas = ", ".join(f"{p.alpha:g}" for p in parts)
+                    raise ValueError(
+                        f"{name}: NaN or inf after merging into {reader.path} (α {alphas}, {tensor.dtype}); "
+                        "nothing was written"
+                    )
+            writer.add(name, tensor.to(specs[name][1]))
+        writer.add_file("README.md", _card(base, method, loaded, scales))
+    return Path(out)
+
+
+def _loaded(vectors: Sequence[tuple], density: float) -> list[tuple[TaskVector, float, float]]:
+    """``(task vector, α, density)`` for each entry of ``merge``'s ``vectors``, loaded and checked."""
+    if not vectors:
+        raise ValueError("no vectors to merge")
     loaded = []
     for item in vectors:
         if not isinstance(item, tuple | list) or len(item) not in (2, 3):
@@ -226,11 +255,15 @@ def merge(
             raise ValueError(f"density={share!r}: expected a fraction in (0, 1]")
         tv = vec if isinstance(vec, TaskVector) else TaskVector.load(vec)
         loaded.append((tv, finite(alpha), float(share)))
-    scales = _layer_scales(alpha_by_layer, _depth(reader))
-    # Validate everything before a byte is written.
+    return loaded
+
+
+def _check_fits(loaded: list, reader) -> None:
+    """Every task vector is of the base's model type and its deltas name tensors of the base, shape for shape."""
+    base_type = reader.config().get("model_type")
     for tv, _, _ in loaded:
         source = tv.metadata.get("a") or "a task vector"
-        vec_type, base_type = tv.metadata.get("model_type"), config.get("model_type")
+        vec_type = tv.metadata.get("model_type")
         if vec_type and base_type and vec_type != base_type:
             raise ValueError(f"{source}: a {vec_type} task vector cannot merge into a {base_type} model")
         for name in tv.deltas:
@@ -241,41 +274,18 @@ def merge(
                     f"{source}: {name} has shape {delta_shape(tv.deltas, name)} but the base has {reader.shape(name)} "
                     "(a vector computed from another base?)"
                 )
-    log.info("merging %d task vector(s) into %s (%s)", len(loaded), reader.path.name, method)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = [path for tv, _, _ in loaded for path in sources(tv.deltas)]
-    specs = {name: reader.spec(name) for name in reader}
-    if dtype is not None:
-        specs = {name: (shape, dtype if kind.is_floating_point else kind) for name, (shape, kind) in specs.items()}
-    writer = CheckpointWriter(out, specs, max_shard_size, source=reader.path, force=force, inputs=inputs)
-    with writer:
-        for name in tqdm(reader, desc="merge", disable=(not progress) if progress is not None else None):
-            tensor = reader[name]
-            factor = scales.get(layer_of(name), 1.0)
-            parts = [
-                Part(_source(tv.deltas, name), alpha * factor, share)
-                for tv, alpha, share in loaded
-                if name in tv.deltas and alpha * factor != 0
-            ]
-            if parts and tensor.is_floating_point():
-                tensor = combine(tensor, parts, method, generator, normalize, rescale, scale)
-                if not torch.isfinite(tensor).all():
-                    alphas = ", ".join(f"{p.alpha:g}" for p in parts)
-                    raise ValueError(
-                        f"{name}: NaN or inf after merging into {reader.path} (α {alphas}, {tensor.dtype}); "
-                        "nothing was written"
-                    )
-            writer.add(name, tensor.to(specs[name][1]))
-        lines = [f"base: `{name_of(base)}`", f"method: {method} ({METHODS[method].about})"]
-        for tv, alpha, share in loaded:
-            a, b = (name_of(tv.metadata.get(k)) for k in ("a", "b"))
-            kept = f", density {share:g}" if METHODS[method].sparsify else ""
-            lines.append(f"added α = {alpha:g} × (`{a}` − `{b}`){kept}")
-        if scales:
-            lines.append(f"per-layer α multipliers: {scales}")
-        tags = ("merge", method)
-        writer.add_file("README.md", card("Merged checkpoint", lines, base_model=base, relation="merge", tags=tags))
-    return Path(out)
+
+
+def _card(base, method: str, loaded: list, scales: dict) -> str:
+    """The merged checkpoint's model card: the base, the method, each vector with its α (and density)."""
+    lines = [f"base: `{name_of(base)}`", f"method: {method} ({METHODS[method].about})"]
+    for tv, alpha, share in loaded:
+        a, b = (name_of(tv.metadata.get(k)) for k in ("a", "b"))
+        kept = f", density {share:g}" if METHODS[method].sparsify else ""
+        lines.append(f"added α = {alpha:g} × (`{a}` − `{b}`){kept}")
+    if scales:
+        lines.append(f"per-layer α multipliers: {scales}")
+    return card("Merged checkpoint", lines, base_model=base, relation="merge", tags=("merge", method))
 
 
 def _layer_scales(alpha_by_layer, n_layers: int) -> dict[int, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from steerkit._checks import finite
-from steerkit.weights.checkpoint import CheckpointReader, CheckpointWriter
+from steerkit.checkpoint import CheckpointReader, CheckpointWriter
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -36,7 +36,7 @@ def _reader(source) -> CheckpointReader:
     """A reader for a checkpoint folder, an embedded model's name, or a Hub repo id (through the Hub cache)."""
     if isinstance(source, CheckpointReader):
         return source
-    from steerkit.hub import local
+    from steerkit._hub import local
     from steerkit.models import EMBEDDED, embedded_checkpoint
 
     return CheckpointReader(embedded_checkpoint(source) if str(source) in EMBEDDED else local(source))
@@ -204,16 +204,10 @@ class TaskVector:
         """A task vector from a Hub repo id or a local folder (the same as ``load``)."""
         return cls.load(source)
 
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload the deltas, ``task_vector.json`` and a model card; returns the commit URL."""
-        from steerkit.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token)
-
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
         """A task vector directory (or Hub repo id), read lazily tensor by tensor."""
-        from steerkit.hub import local
+        from steerkit._hub import local
 
         path = local(path)
         meta_file = path / "task_vector.json"
