@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-conformance conformance vllm-env llama-cpp bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -105,6 +105,18 @@ $(REPENG)/.done: | $(STAMP)
 # Execute the notebooks on the embedded model and write their outputs (figures included) in place, to commit.
 notebooks: setup
 	$(BIN)/python scripts/run_notebooks.py
+
+# The documentation site (docs/, mkdocs-material + mkdocstrings), built strictly into site/; its Python blocks run
+# in `make test` (tests/test_docs.py).
+DOCS := $(VENV)/.docs
+$(DOCS): | $(STAMP)
+	$(call pip_install,-e '.[docs]')
+	touch $@
+docs: $(DOCS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "built site/index.html"
+docs-serve: $(DOCS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # JupyterLab from the project's environment (installed on first use; not needed by the tests).
 lab: setup
