@@ -233,7 +233,8 @@ def config_options(cls):
     hints = typing.get_type_hints(cls)
     extra = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=Annotated[hints[f.name], typer.Option(help=f.metadata["help"])])
+                          annotation=Annotated[hints[f.name], typer.Option(help=f.metadata["help"],
+                                                                            envvar=f.metadata.get("envvar"))])
         for f in dataclasses.fields(cls)
     ]  # fmt: skip
 

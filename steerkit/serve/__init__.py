@@ -4,11 +4,14 @@
   ``parse_steering``, ``parse_completion``) and the refusals (``RequestError`` 400, ``Busy`` 429);
 - ``engine.py``: the batch loop (continuous batching, per-row steering in one hook per block);
 - ``kv.py``: KV-cache surgery between steps; ``sampling.py``: the next token and its log-probabilities;
+- ``limits.py``: the limits and key (``ServeConfig``) and the guard in front of the app;
+  ``metrics.py``: ``/metrics``;
 - ``app.py``: the FastAPI routes, ``serve`` and ``launch``.
 """
 
 from steerkit.serve.app import create_app, launch, serve
 from steerkit.serve.engine import Engine, Request
+from steerkit.serve.limits import ServeConfig
 from steerkit.serve.schema import (
     POSITIONS,
     Busy,
@@ -28,6 +31,7 @@ __all__ = [
     "Entry",
     "Library",
     "Request",
+    "ServeConfig",
     "RequestError",
     "create_app",
     "launch",

@@ -25,7 +25,7 @@ from steerkit.batching import pad_batch, pad_id
 from steerkit.hooks import intervene
 from steerkit.serve import kv
 from steerkit.serve.sampling import sample
-from steerkit.serve.schema import Busy, Entry, Library, RequestError
+from steerkit.serve.schema import Busy, Entry, Library, RequestError, Unavailable
 from steerkit.steer import scaled
 
 log = logging.getLogger(__name__)
@@ -83,16 +83,21 @@ class Engine:
         layers = {layer for vec in library.vectors.values() for layer in vec.layers}
         layers |= {c.layer for c in library.conditions.values()}
         self._layers = sorted(layers)
+        self.ending: str | None = None  # set by end_all: why every request now ends
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steerkit-engine", daemon=True)
         self._thread.start()
 
     # -- interface for the web layer --
     def submit(self, request: Request) -> None:
+        if self.ending is not None:
+            raise Unavailable(self.ending)
         if len(request.prompt_ids) + request.max_tokens > self.context:
+            room = self.context - len(request.prompt_ids)
             raise RequestError(
                 f"prompt of {len(request.prompt_ids)} tokens + max_tokens {request.max_tokens} exceeds the "
                 f"model's context of {self.context}"
+                + (f": max_tokens can be at most {room}" if room > 0 else ": the prompt alone fills it")
             )
         if self.waiting.qsize() >= self.max_queue:
             raise Busy(f"{self.waiting.qsize()} requests are waiting (queue limit {self.max_queue}); retry later")
@@ -101,6 +106,15 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        """Whether the batch loop still runs."""
+        return self._thread.is_alive()
+
+    def end_all(self, message: str) -> None:
+        """From any thread: end every running and waiting request with an error event (at the next step) and
+        refuse new ones (a server shutting down)."""
+        self.ending = message
 
     # -- the loop --
     def _run(self) -> None:
@@ -122,6 +136,10 @@ class Engine:
         return out
 
     def _step(self) -> None:
+        if self.ending is not None and (self.active or not self.waiting.empty()):
+            for request in [*self.active, *self._drain()]:
+                request.emit({"error": self.ending, "status": 503})
+            self._drop(list(self.active))
         self._drop([r for r in self.active if r.cancelled])
         room = self.max_batch - len(self.active)
         new = []

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from steerkit import arch
+from steerkit.serve.limits import ServeConfig
 from steerkit.steer import scaled
 from steerkit.vector import SteeringVector
 
@@ -24,6 +25,10 @@ class RequestError(ValueError):
 
 class Busy(RuntimeError):
     """More requests are waiting than the queue holds (HTTP 429)."""
+
+
+class Unavailable(RuntimeError):
+    """The server is shutting down (HTTP 503)."""
 
 
 @dataclass
@@ -126,14 +131,18 @@ class Completion:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these it would contain
 
 
-def parse_completion(body, chat: bool, tok, library: Library, dtype_at: Callable[[int], torch.dtype]) -> Completion:
+def parse_completion(body, chat: bool, tok, library: Library, dtype_at: Callable[[int], torch.dtype],
+                     limits: ServeConfig | None = None) -> Completion:  # fmt: skip
     """An OpenAI chat or completions request body (plus ``steering`` and vLLM's ``ignore_eos`` and
-    ``return_tokens_as_token_ids``) as a ``Completion``; RequestError naming the first field that is wrong."""
+    ``return_tokens_as_token_ids``) as a ``Completion``; RequestError naming the first field that is wrong or
+    over one of ``limits`` (messages, stop sequences, steering entries)."""
+    limits = limits or ServeConfig()
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    prompt = _prompt(body, chat, tok)
+    prompt = _prompt(body, chat, tok, limits.max_messages)
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
         raise RequestError(f"max_tokens={max_tokens!r}: expected an int in 1..4096")
@@ -156,19 +165,35 @@ def parse_completion(body, chat: bool, tok, library: Library, dtype_at: Callable
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"seed={seed!r}: expected an int")
-    entries = parse_steering(body.get("steering"), library, dtype_at)
+    steering = body.get("steering")
+    if isinstance(steering, list) and len(steering) > limits.max_steering:
+        raise RequestError(f"{len(steering)} steering entries: the server's limit is {limits.max_steering} "
+                           "(max_steering)")  # fmt: skip
+    entries = parse_steering(steering, library, dtype_at)
     sampling = {"temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": flags["ignore_eos"]}
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     return Completion(ids, max_tokens, entries, sampling, _logprobs_option(body, chat),
                       flags["return_tokens_as_token_ids"], flags["stream"], bool(options.get("include_usage")),
-                      body.get("model"))  # fmt: skip
+                      body.get("model"), _stop(body.get("stop"), limits.max_stop))  # fmt: skip
 
 
-def _prompt(body: dict, chat: bool, tok) -> str:
+def _stop(stop, most: int) -> list[str]:
+    """OpenAI's ``stop``: a string or a list of strings, each non-empty."""
+    stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
+        raise RequestError("stop must be a string or a list of strings of 1 to 256 characters")
+    if len(stops) > most:
+        raise RequestError(f"{len(stops)} stop sequences: the server's limit is {most} (max_stop)")
+    return stops
+
+
+def _prompt(body: dict, chat: bool, tok, most: int) -> str:
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise RequestError("'messages' must be a non-empty list of {role, content}")
+        if len(messages) > most:
+            raise RequestError(f"{len(messages)} messages: the server's limit is {most} (max_messages)")
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise RequestError("each message needs a role (system, user, assistant) and string content")
