@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test fuzz bench-soak test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/python -m steerkit.demo
+
+# A long property-based search (tests/test_fuzz.py with 3,000 examples a property; make test runs 60).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 # The conformance suite (tests/conformance, about 6 minutes) has its own target, which .ci/run also calls.
 test: setup
@@ -83,6 +87,10 @@ $(VECTORS)/.done: | $(STAMP)
 	$(BIN)/steerkit extract -p truthful --layers 10 -o $(VECTORS)/truthful.safetensors --force
 	$(BIN)/steerkit condition -s cooking -o $(VECTORS)/cooking.condition.safetensors --force
 	touch $@
+
+# A bounded soak of steerkit serve on 127.0.0.1 (2,000 requests over about 10 minutes; artifacts/soak/).
+bench-soak: setup
+	$(BIN)/python bench/soak.py
 
 # SAE benches: quality (about 15 minutes, writes artifacts/sae_quality/) and throughput against sae-lens.
 bench-sae: setup

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -62,6 +63,14 @@ DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 Spec = tuple[tuple[int, ...], torch.dtype]
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|embed_in)\.weight$")
+
+
+def layer_of(name: str) -> int | None:
+    """The block index in a tensor name (``model.layers.12.mlp...`` -> 12), or None for embeddings etc."""
+    match = _LAYER.search(f".{name}")
+    return int(match.group(1)) if match else None
 
 
 class CheckpointReader(Mapping):
@@ -144,6 +153,29 @@ class CheckpointReader(Mapping):
             raise ValueError(f"{file} is not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{file} is not a JSON object")
+        return config
+
+    def checked_config(self) -> dict:
+        """``config()``, its sizes compared with the tensors present before anything is sized from them: the
+        number of blocks with the highest block index, the width and vocabulary with the embedding's shape. A
+        config that declares more than the tensors hold is a ValueError naming the field."""
+        config = self.config()
+        blocks = {layer_of(name) for name in self} - {None}
+        sizes = {"num_hidden_layers": len(blocks) and max(blocks) + 1}
+        embedding = next((name for name in self if _EMBEDDING.search(name)), None)
+        if embedding is not None and len(self.shape(embedding)) == 2:
+            sizes["vocab_size"], sizes["hidden_size"] = self.shape(embedding)
+        for field, found in sizes.items():
+            aliases = {"num_hidden_layers": ("num_hidden_layers", "n_layer"), "hidden_size": ("hidden_size", "n_embd"),
+                       "vocab_size": ("vocab_size",)}[field]  # fmt: skip
+            for key in aliases:
+                value = config.get(key)
+                if value is None or not found:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value != found:
+                    where = "blocks" if field == "num_hidden_layers" else f"{embedding} {list(self.shape(embedding))}"
+                    raise ValueError(f"{self.path / 'config.json'}: {key} is {value!r} but the tensors hold {found} "
+                                     f"({where})")  # fmt: skip
         return config
 
     def weight_files(self) -> list[Path]:

@@ -137,7 +137,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path | str:
             )
         from steerkit.checkpoint import CheckpointReader
 
-        CheckpointReader(source)  # index readable, every shard present and inside the folder
+        CheckpointReader(source).checked_config()  # index readable, shards inside the folder, sizes as the tensors
         return source
     if key.startswith((".", "/", "~")) or key.count("/") > 1:
         raise FileNotFoundError(f"no such checkpoint directory: {key!r} (embedded models: {sorted(EMBEDDED)})")

@@ -7,6 +7,7 @@ Layer *i* is the output of block *i*, steerkit's numbering; llama.cpp cannot ste
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -38,14 +39,87 @@ def write(
     return Path(path)
 
 
+def check_layout(path: str | os.PathLike) -> None:
+    """Walk a GGUF file's header, metadata and tensor table with every declared count and size compared with the
+    bytes the file has, before a reader sizes anything from them; ValueError naming the first that does not fit."""
+    import gguf
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    at = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal at
+        if n < 0 or at + n > len(blob):
+            raise ValueError(f"{path}: {what} needs {n} bytes at offset {at}, past the file's end ({len(blob)} bytes)")
+        at += n
+        return blob[at - n : at]
+
+    def number(fmt: str, what: str) -> int:
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
+
+    def string(what: str) -> str:
+        return take(number("Q", what), what).decode("utf-8", errors="replace")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind: int, what: str) -> None:
+        if kind in scalar:
+            take(struct.calcsize(scalar[kind]), what)
+        elif kind == 8:
+            string(what)
+        elif kind == 9:
+            inner, count = number("I", what), number("Q", what)
+            if inner in scalar and count * struct.calcsize(scalar[inner]) > len(blob) - at:
+                raise ValueError(f"{path}: {what} declares {count} elements, more than the file holds")
+            for _ in range(count if inner not in scalar else 0):
+                value(inner, what)
+            if inner in scalar:
+                take(count * struct.calcsize(scalar[inner]), what)
+        else:
+            raise ValueError(f"{path}: {what} has an unknown value type {kind}")
+
+    if take(4, "the magic") != b"GGUF":
+        raise ValueError(f"{path}: no GGUF magic at the start")
+    version, n_tensors, n_kv = number("I", "the version"), number("Q", "the tensor count"), number("Q", "the key count")
+    if version not in (2, 3) or n_tensors > len(blob) // 24 or n_kv > len(blob) // 13:
+        raise ValueError(f"{path}: version {version}, {n_tensors} tensors, {n_kv} keys: more than the file can hold")
+    alignment = 32
+    for i in range(n_kv):
+        key = string(f"key {i}")
+        kind = number("I", f"the type of {key!r}")
+        start = at
+        value(kind, f"value of {key!r}")
+        if key == "general.alignment" and kind == 4:
+            alignment = struct.unpack("<I", blob[start : start + 4])[0] or 32
+    tensors = []
+    for i in range(n_tensors):
+        name = string(f"tensor {i}'s name")
+        dims = [number("Q", f"{name}'s shape") for _ in range(number("I", f"{name}'s rank"))]
+        kind, offset = number("I", f"{name}'s type"), number("Q", f"{name}'s offset")
+        if not 1 <= len(dims) <= 4 or min(dims) < 1 or kind not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"{path}: tensor {name!r} has shape {dims} and type {kind}: not a GGUF tensor")
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        elements = 1
+        for d in dims:
+            elements *= d
+        tensors.append((name, offset, elements // block * size))
+    data = (at + alignment - 1) // alignment * alignment
+    for name, offset, nbytes in tensors:
+        if data + offset + nbytes > len(blob):
+            raise ValueError(f"{path}: tensor {name!r} declares {nbytes} bytes at offset {offset}, past the file's end")
+
+
 def read(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dict]:
     """``({layer: direction}, metadata)`` from a llama.cpp / repeng control-vector GGUF; ValueError if it is not."""
     import gguf
 
     try:
+        check_layout(path)
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file: {err}") from None
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as err:
+        detail = str(err).removeprefix(f"{path}: ")
+        raise ValueError(f"{path} is not a readable GGUF file: {detail}") from None
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
     if arch != "controlvector":

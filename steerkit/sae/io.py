@@ -48,6 +48,7 @@ def load_sae(sae_or_path, device: str = "cpu", sae_id: str | None = None, subfol
         raise ValueError(f"{path / CFG_FILE} is not valid JSON ({err})") from err
     if not isinstance(cfg, dict) or not {"architecture", "d_in", "d_sae"} <= cfg.keys():
         raise ValueError(f"{path / CFG_FILE} lacks architecture / d_in / d_sae")
+    _check_shapes(path, cfg)
     steerkit_info = (cfg.get("metadata") or {}).get("steerkit") if isinstance(cfg.get("metadata"), dict) else None
     if isinstance(steerkit_info, dict) and steerkit_info.get("max_norm") is not None:
         check_max_norm(steerkit_info["max_norm"], f"metadata.steerkit.max_norm in {path / CFG_FILE}")
@@ -57,6 +58,32 @@ def load_sae(sae_or_path, device: str = "cpu", sae_id: str | None = None, subfol
         return SAE.load_from_disk(path, device=device)
     except Exception as err:  # safetensors header errors, missing or mis-shaped tensors, unknown architecture
         raise ValueError(f"cannot load the SAE in {path}: {type(err).__name__}: {err}") from err
+
+
+def _check_shapes(path, cfg: dict) -> None:
+    """``d_in`` and ``d_sae`` (and a transcoder's ``d_out``) as positive ints that match the weight file's tensors,
+    read from its header before sae-lens sizes anything from them."""
+    from safetensors import SafetensorError, safe_open
+
+    sizes = {key: cfg.get(key, cfg.get("d_in")) for key in ("d_in", "d_sae", "d_out")}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path / CFG_FILE}: {key}={value!r}: expected a positive int")
+    d_in, d_sae, d_out = sizes.values()
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"cannot load the SAE in {path}: {WEIGHTS_FILE} is not a readable safetensors file: {err}"
+        ) from None
+    for name, shape in expected.items():
+        if name in shapes and shapes[name] != shape:
+            raise ValueError(f"{path / WEIGHTS_FILE}: {name} has shape {list(shapes[name])} but {CFG_FILE} declares "
+                             f"{list(shape)} (d_in={d_in}, d_sae={d_sae})")  # fmt: skip
+    if not {"W_enc", "W_dec"} <= shapes.keys():
+        raise ValueError(f"{path / WEIGHTS_FILE} lacks W_enc or W_dec: not an SAE's weights")
 
 
 def check_max_norm(value, name: str = "max_norm") -> float:

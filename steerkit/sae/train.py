@@ -73,50 +73,54 @@ ARCHS: dict[str, Callable[[float, int], dict]] = {
 
 
 class ShuffleBuffer:
-    """Mixes activations from many sequences: fill to capacity, shuffle, hand out half, keep half. Once what it
-    holds covers what training still needs, it hands out exactly that, so no activation is computed in vain."""
+    """Mixes activations from many sequences: each batch handed out is drawn at random from everything the buffer
+    holds, and a chunk of new rows goes in once there is room for it. Between batches its whole state is the rows
+    it holds and its generator, so a checkpoint that saves both resumes it exactly."""
 
     def __init__(self, capacity: int, batch_size: int, generator: torch.Generator):
         self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
         self.store: dict[int, torch.Tensor] | None = None
         self.size = 0
 
-    def add(self, acts: dict[int, torch.Tensor], remaining: int) -> Iterator[dict[int, torch.Tensor]]:
-        """Add ``{layer: [n, d]}`` rows; yield batches once the buffer is full, or holds the ``remaining`` tokens."""
-        if self.store is None:
-            self.store = {layer: x.new_empty(self.capacity, x.shape[1]) for layer, x in acts.items()}
+    def make_room(self, n: int) -> Iterator[dict[int, torch.Tensor]]:
+        """Hand out batches until ``n`` more rows fit."""
+        while self.size + n > self.capacity and self.size >= self.batch_size:
+            yield self.pop()
+
+    def insert(self, acts: dict[int, torch.Tensor]) -> None:
+        """Add ``{layer: [n, d]}`` rows (the store grows if a chunk is larger than the capacity)."""
         n = next(iter(acts.values())).shape[0]
-        start = 0
-        while start < n:
-            take = min(n - start, self.capacity - self.size)
-            for layer, x in acts.items():
-                self.store[layer][self.size : self.size + take] = x[start : start + take]
-            self.size += take
-            start += take
-            if self.size >= remaining:  # the last batches: everything still needed is here
-                yield from self._emit(remaining)
-                return
-            if self.size == self.capacity:
-                remaining -= yield from self._emit(self.capacity // 2)
+        if self.store is None or self.size + n > next(iter(self.store.values())).shape[0]:
+            room = max(self.capacity, self.size + n)
+            self.store = {layer: torch.cat([self.rows()[layer] if self.store else x[:0], x.new_empty(room - self.size,
+                          x.shape[1])]) for layer, x in acts.items()}  # fmt: skip
+        for layer, x in acts.items():
+            self.store[layer][self.size : self.size + n] = x
+        self.size += n
+
+    def pop(self) -> dict[int, torch.Tensor]:
+        """One batch drawn at random; the buffer's last rows fill the places it leaves."""
+        b, end = self.batch_size, self.size - self.batch_size
+        chosen = torch.randperm(self.size, generator=self.generator)[:b].to(next(iter(self.store.values())).device)
+        holes = chosen[chosen < end]
+        tail = torch.ones(b, dtype=torch.bool, device=chosen.device)
+        tail[chosen[chosen >= end] - end] = False
+        movers = torch.arange(end, self.size, device=chosen.device)[tail]
+        batch = {}
+        for layer, x in self.store.items():
+            batch[layer] = x[chosen].clone()
+            x[holes] = x[movers]
+        self.size = end
+        return batch
+
+    def rows(self) -> dict[int, torch.Tensor]:
+        """What the buffer holds: ``{layer: [size, d]}`` (for a checkpoint)."""
+        return {layer: x[: self.size] for layer, x in (self.store or {}).items()}
 
     def drain(self) -> Iterator[dict[int, torch.Tensor]]:
-        """Yield what is left, shuffled, in full batches (a last partial batch is dropped)."""
-        yield from self._emit(self.size)
-
-    def _emit(self, count: int) -> Iterator[dict[int, torch.Tensor]]:
-        """Shuffle, then yield ``count`` rows (whole batches) and keep the rest; returns the rows yielded."""
-        assert self.store is not None
-        perm = torch.randperm(self.size, generator=self.generator).to(next(iter(self.store.values())).device)
-        for layer in self.store:
-            self.store[layer][: self.size] = self.store[layer][perm]
-        usable = min(count, self.size) // self.batch_size * self.batch_size
-        for start in range(0, usable, self.batch_size):
-            yield {layer: x[start : start + self.batch_size].clone() for layer, x in self.store.items()}
-        keep = self.size - usable
-        for layer in self.store:
-            self.store[layer][:keep] = self.store[layer][usable : self.size].clone()
-        self.size = keep
-        return usable
+        """Hand out what is left in full batches (a last partial batch is dropped)."""
+        while self.size >= self.batch_size:
+            yield self.pop()
 
 
 def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -243,8 +247,10 @@ def _new_run(
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, rng_states: list[torch.Tensor]) -> None:
-    """Weights, Adam moments, firing counters and the shuffle RNG in safetensors; the rest in JSON (no pickle)."""
+def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, rng_states: list[torch.Tensor],
+                     buffers: list[dict[int, torch.Tensor]] = ()) -> None:  # fmt: skip
+    """Weights, Adam moments, firing counters, each rank's shuffle RNG and buffered rows in safetensors; the rest
+    in JSON (no pickle)."""
     from safetensors.torch import save_file
 
     with atomic_path(path, force=True, directory=True) as tmp:  # replaces this run's previous checkpoint
@@ -264,11 +270,17 @@ def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, rng_states:
                 "history": run.history,
             }
         save_file({f"shuffle.{rank}": rng for rank, rng in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
+        held = {
+            f"{rank}.{layer}": x.contiguous().cpu() for rank, rows in enumerate(buffers) for layer, x in rows.items()
+        }
+        save_file(held, str(tmp / "buffer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "trainers": trainers}, indent=1))
 
 
-def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator: torch.Generator) -> dict:
-    """Restore what ``_save_checkpoint`` wrote into ``runs`` and this rank's ``generator``; returns the state."""
+def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator: torch.Generator,
+                     buffer: ShuffleBuffer | None = None) -> dict:  # fmt: skip
+    """Restore what ``_save_checkpoint`` wrote into ``runs``, this rank's ``generator`` and ``buffer``; returns the
+    state."""
     from safetensors.torch import load_file
 
     try:
@@ -298,6 +310,15 @@ def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator:
         run.scale, run.history = saved["scale"], saved["history"]
         run.max_norm = saved["max_norm"]
     generator.set_state(load_file(str(path / "rng.safetensors"))[f"shuffle.{rank}"])
+    held = path / "buffer.safetensors"
+    if buffer is not None and held.is_file():
+        rows = {
+            int(key.partition(".")[2]): x
+            for key, x in load_file(str(held)).items()
+            if key.partition(".")[0] == str(rank)
+        }
+        if rows and next(iter(rows.values())).shape[0]:
+            buffer.insert({layer: x.to(runs[layer].sae.device) for layer, x in rows.items()})
     return state
 
 
@@ -359,12 +380,12 @@ class TrainConfig:
 @dataclass
 class _Position:
     """Where a run stands: SAE steps taken, this rank's sequences read (every W-th of the corpus, from the
-    rank-th), its outlier counts and its shuffling generator."""
+    rank-th), its outlier counts and its shuffle buffer (with the buffer's generator)."""
 
     step: int
     consumed: int
     counts: dict
-    generator: torch.Generator
+    buffer: ShuffleBuffer
 
 
 # --- the public entry point -------------------------------------------------------------------------------------
@@ -402,9 +423,10 @@ def train_sae(
     config = config.checked(hidden_size(model), size)
     out, ckpt = _outputs(out, config, corpus, force)
     runs = _new_runs(model, corpus, layers, config, arch_options)
-    position = _Position(0, 0, {"excluded": 0, "seen": 0}, torch.Generator().manual_seed(config.seed + rank))
+    position = _Position(0, 0, {"excluded": 0, "seen": 0}, _buffer(config))
+    position.buffer.generator.manual_seed(config.seed + rank)
     if config.resume:
-        state = _load_checkpoint(ckpt, runs, _settings(config, layers), position.generator)
+        state = _load_checkpoint(ckpt, runs, _settings(config, layers), position.buffer.generator, position.buffer)
         position.step, position.consumed = state["step"], state["consumed"][rank]
         position.counts.update(state["counts"][rank])
     logger.info(
@@ -453,26 +475,37 @@ def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: Train
     return runs
 
 
-def _activations(model, tok, corpus: Corpus, runs: dict, config: TrainConfig, position: _Position):
+def _activations(model, tok, corpus: Corpus, runs: dict, config: TrainConfig, position: _Position,
+                 buffer: ShuffleBuffer):  # fmt: skip
     """Shuffled batches ``{layer: [batch_size / W, d]}`` of this rank's activations, outliers left out, until the
-    corpus ends; the first batch sets each SAE's scale and outlier norm."""
+    corpus ends; the first batch sets each SAE's scale and outlier norm. A sequence counts as read (``consumed``,
+    the outlier counts) when its rows enter the buffer, so a checkpoint taken between any two batches, with the
+    buffer's rows, resumes exactly."""
     rank, size = world()
-    local_batch = config.batch_size // size
-    capacity = max(min(config.buffer_tokens, config.tokens) // size, 2 * local_batch)
-    buffer = ShuffleBuffer(capacity, local_batch, position.generator)
     skip = rank + position.consumed * size
+    needed = lambda: (config.steps - position.step) * buffer.batch_size  # noqa: E731  (rows training still takes)
     for chunk in corpus.batches(tok, config.ctx_len, config.model_batch, "train", skip=skip, shard=(rank, size)):
-        position.consumed += chunk.shape[0]
         acts = block_activations(model, chunk, list(runs))
         for run in runs.values():
             if run.scale is None:
                 _first_batch(run, acts[run.layer], hidden_size(model))
         keep = torch.stack([acts[v].norm(dim=-1) <= run.max_norm for v, run in runs.items()]).all(0)
+        yield from buffer.make_room(int(keep.sum()))
+        buffer.insert({v: x[keep] for v, x in acts.items()})
+        position.consumed += chunk.shape[0]
         position.counts["excluded"] += int((~keep).sum())
         position.counts["seen"] += keep.numel()
-        remaining = (config.steps - position.step) * local_batch
-        yield from buffer.add({v: x[keep] for v, x in acts.items()}, remaining)
+        while buffer.size >= needed() > 0:  # the last batches: everything still needed is here
+            yield buffer.pop()
     yield from buffer.drain()
+
+
+def _buffer(config: TrainConfig) -> ShuffleBuffer:
+    """This rank's shuffle buffer: ``buffer_tokens`` over all ranks (at least two batches each)."""
+    size = world()[1]
+    local_batch = config.batch_size // size
+    capacity = max(min(config.buffer_tokens, config.tokens) // size, 2 * local_batch)
+    return ShuffleBuffer(capacity, local_batch, torch.Generator())
 
 
 def _train(model, tok, corpus, runs: dict, config: TrainConfig, position: _Position, ckpt, progress: bool) -> None:
@@ -482,7 +515,7 @@ def _train(model, tok, corpus, runs: dict, config: TrainConfig, position: _Posit
     bar.set_description(f"SAE {config.arch} layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}")
     log_every = max(1, steps // 100)
     next_ckpt = position.step * batch + config.checkpoint_every if config.checkpoint_every else None
-    source = _activations(model, tok, corpus, runs, config, position)
+    source = _activations(model, tok, corpus, runs, config, position, position.buffer)
     try:
         while position.step < steps:
             acts = next(source, None)
@@ -547,7 +580,9 @@ def _checkpoint(ckpt: Path, runs: dict, position: _Position, settings: dict) -> 
     counts = position.counts
     positions = [int(x) for x in all_gather(torch.tensor([position.consumed]), "checkpointing")]
     tallies = [t.tolist() for t in all_gather(torch.tensor([[counts["excluded"], counts["seen"]]]), "checkpointing")]
-    rngs = [r[0] for r in all_gather(position.generator.get_state().unsqueeze(0), "checkpointing")]
+    rngs = [r[0] for r in all_gather(position.buffer.generator.get_state().unsqueeze(0), "checkpointing")]
+    held = {layer: all_gather(x, "checkpointing the shuffle buffers") for layer, x in position.buffer.rows().items()}
+    buffers = [{layer: pieces[r] for layer, pieces in held.items()} for r in range(len(rngs))]
     if world()[0] == 0:
         state = {
             "step": position.step,
@@ -556,7 +591,7 @@ def _checkpoint(ckpt: Path, runs: dict, position: _Position, settings: dict) -> 
             "world_size": len(positions),
             "config": settings,
         }
-        _save_checkpoint(ckpt, runs, state, rngs)
+        _save_checkpoint(ckpt, runs, state, rngs, buffers)
         logger.debug("checkpoint at step %d written to %s", position.step, ckpt)
     barrier("waiting for rank 0 to write a checkpoint")
 

@@ -208,7 +208,7 @@ def plan_for(reader: CheckpointReader, family: str = "auto") -> _Plan:
     """How to bake into this checkpoint, or a ValueError that names the alternatives."""
     if family not in MODES:
         raise ValueError(f"family={family!r}: expected one of {MODES}")
-    config = reader.config()
+    config = reader.checked_config()  # (sizes as the tensors: the check below builds a model from it)
     model_type = config.get("model_type")
     route = FAMILIES.get(model_type)
     if route is None or route.how == "refused":

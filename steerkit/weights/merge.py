@@ -178,7 +178,7 @@ def combine(
 
 
 def _depth(reader) -> int:
-    return arch.config_depth(reader.config()) or 1 + max((layer_of(n) or 0) for n in reader)
+    return arch.config_depth(reader.checked_config()) or 1 + max((layer_of(n) or 0) for n in reader)
 
 
 def merge(

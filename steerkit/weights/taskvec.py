@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,15 +16,7 @@ from pathlib import Path
 import torch
 
 from steerkit._checks import finite
-from steerkit.checkpoint import CheckpointReader, CheckpointWriter
-
-_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    """The block index in a tensor name (``model.layers.12.mlp...`` -> 12), or None for embeddings etc."""
-    match = _LAYER.search(f".{name}")
-    return int(match.group(1)) if match else None
+from steerkit.checkpoint import CheckpointReader, CheckpointWriter, layer_of
 
 
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
