@@ -6,6 +6,7 @@ Layer *i* is the output of block *i*, steerkit's numbering; llama.cpp cannot ste
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -39,74 +40,77 @@ def write(
     return Path(path)
 
 
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # GGUF type
+
+
+class _Walk:
+    """A cursor over a GGUF file's bytes that refuses to read past the end, naming what it was reading."""
+
+    def __init__(self, path, blob: bytes):
+        self.path, self.blob, self.at = path, blob, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.at + n > len(self.blob):
+            raise ValueError(f"{self.path}: {what} needs {n} bytes at offset {self.at}, past the file's end "
+                             f"({len(self.blob)} bytes)")  # fmt: skip
+        self.at += n
+        return self.blob[self.at - n : self.at]
+
+    def number(self, fmt: str, what: str) -> int:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        return self.take(self.number("Q", what), what).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, what: str) -> None:
+        """Step over one metadata value of GGUF type ``kind`` (arrays: their declared bytes checked first)."""
+        if kind in _SCALARS:
+            self.take(struct.calcsize(_SCALARS[kind]), what)
+        elif kind == 8:
+            self.string(what)
+        elif kind == 9:
+            inner, count = self.number("I", what), self.number("Q", what)
+            if inner in _SCALARS:
+                self.take(count * struct.calcsize(_SCALARS[inner]), what)
+            else:
+                for _ in range(count):
+                    self.value(inner, what)
+        else:
+            raise ValueError(f"{self.path}: {what} has an unknown value type {kind}")
+
+
 def check_layout(path: str | os.PathLike) -> None:
     """Walk a GGUF file's header, metadata and tensor table with every declared count and size compared with the
     bytes the file has, before a reader sizes anything from them; ValueError naming the first that does not fit."""
     import gguf
 
     with open(path, "rb") as f:
-        blob = f.read()
-    at = 0
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal at
-        if n < 0 or at + n > len(blob):
-            raise ValueError(f"{path}: {what} needs {n} bytes at offset {at}, past the file's end ({len(blob)} bytes)")
-        at += n
-        return blob[at - n : at]
-
-    def number(fmt: str, what: str) -> int:
-        return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
-
-    def string(what: str) -> str:
-        return take(number("Q", what), what).decode("utf-8", errors="replace")
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def value(kind: int, what: str) -> None:
-        if kind in scalar:
-            take(struct.calcsize(scalar[kind]), what)
-        elif kind == 8:
-            string(what)
-        elif kind == 9:
-            inner, count = number("I", what), number("Q", what)
-            if inner in scalar and count * struct.calcsize(scalar[inner]) > len(blob) - at:
-                raise ValueError(f"{path}: {what} declares {count} elements, more than the file holds")
-            for _ in range(count if inner not in scalar else 0):
-                value(inner, what)
-            if inner in scalar:
-                take(count * struct.calcsize(scalar[inner]), what)
-        else:
-            raise ValueError(f"{path}: {what} has an unknown value type {kind}")
-
-    if take(4, "the magic") != b"GGUF":
+        walk = _Walk(path, f.read())
+    if walk.take(4, "the magic") != b"GGUF":
         raise ValueError(f"{path}: no GGUF magic at the start")
-    version, n_tensors, n_kv = number("I", "the version"), number("Q", "the tensor count"), number("Q", "the key count")
-    if version not in (2, 3) or n_tensors > len(blob) // 24 or n_kv > len(blob) // 13:
+    version, n_tensors = walk.number("I", "the version"), walk.number("Q", "the tensor count")
+    n_kv = walk.number("Q", "the key count")
+    if version not in (2, 3) or n_tensors > len(walk.blob) // 24 or n_kv > len(walk.blob) // 13:
         raise ValueError(f"{path}: version {version}, {n_tensors} tensors, {n_kv} keys: more than the file can hold")
     alignment = 32
     for i in range(n_kv):
-        key = string(f"key {i}")
-        kind = number("I", f"the type of {key!r}")
-        start = at
-        value(kind, f"value of {key!r}")
+        key = walk.string(f"key {i}")
+        kind, start = walk.number("I", f"the type of {key!r}"), walk.at
+        walk.value(kind, f"value of {key!r}")
         if key == "general.alignment" and kind == 4:
-            alignment = struct.unpack("<I", blob[start : start + 4])[0] or 32
+            alignment = struct.unpack("<I", walk.blob[start : start + 4])[0] or 32
     tensors = []
-    for i in range(n_tensors):
-        name = string(f"tensor {i}'s name")
-        dims = [number("Q", f"{name}'s shape") for _ in range(number("I", f"{name}'s rank"))]
-        kind, offset = number("I", f"{name}'s type"), number("Q", f"{name}'s offset")
+    for _ in range(n_tensors):
+        name = walk.string("a tensor's name")
+        dims = [walk.number("Q", f"{name}'s shape") for _ in range(walk.number("I", f"{name}'s rank"))]
+        kind, offset = walk.number("I", f"{name}'s type"), walk.number("Q", f"{name}'s offset")
         if not 1 <= len(dims) <= 4 or min(dims) < 1 or kind not in gguf.GGML_QUANT_SIZES:
             raise ValueError(f"{path}: tensor {name!r} has shape {dims} and type {kind}: not a GGUF tensor")
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-        elements = 1
-        for d in dims:
-            elements *= d
-        tensors.append((name, offset, elements // block * size))
-    data = (at + alignment - 1) // alignment * alignment
+        tensors.append((name, offset, math.prod(dims) // block * size))
+    data = (walk.at + alignment - 1) // alignment * alignment
     for name, offset, nbytes in tensors:
-        if data + offset + nbytes > len(blob):
+        if data + offset + nbytes > len(walk.blob):
             raise ValueError(f"{path}: tensor {name!r} declares {nbytes} bytes at offset {offset}, past the file's end")
 
 
