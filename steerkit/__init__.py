@@ -22,6 +22,7 @@ from steerkit.data import Pair, bundled_sets, load_pairs, persona_pairs
 from steerkit.data.corpus import load_corpus
 from steerkit.evals import load_task, sweep
 from steerkit.extract import METHODS, extract
+from steerkit.features import feature_vector, latent_stats, top_latents
 from steerkit.hub import push_to_hub
 from steerkit.models import EMBEDDED, embedded_checkpoint, load_model
 from steerkit.sae import TrainConfig, TuneConfig, attach_adapter, evaluate_sae, load_sae, sae_tune, splice, train_sae
@@ -59,10 +60,12 @@ __all__ = [
     "evaluate_sae",
     "extract",
     "extract_condition",
+    "feature_vector",
     "find_condition",
     "generate",
     "get_blocks",
     "hidden_size",
+    "latent_stats",
     "load_corpus",
     "load_model",
     "load_pairs",
@@ -77,5 +80,6 @@ __all__ = [
     "splice",
     "steer",
     "sweep",
+    "top_latents",
     "train_sae",
 ]

@@ -9,7 +9,7 @@ thread or asyncio task that entered it. Weights are never touched; hooks go when
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from steerkit.hooks import block_dtype, intervene
 from steerkit.models import chat_prompt
 from steerkit.vector import SteeringVector, as_vector
 
-MODES = ("add", "project_out", "clamp")
+MODES = ("add", "project_out", "clamp", "clamp_feature")
 POSITION_NAMES = ("all", "prompt", "generated")
 
 
@@ -38,6 +38,22 @@ def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_
     if preserve_norm:
         new = new * (h.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return new
+
+
+def clamped(sae, values: dict[int, float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn(h)``: ``h`` with the SAE latents ``values`` names set to those activations, as Neuronpedia and Goodfire
+    clamp: encode, set, and add only the difference the decoder makes, ``Σᵢ (vᵢ − aᵢ(h))·W_dec[i]``, so the SAE's
+    reconstruction error stays in the stream."""
+    latents = torch.tensor(list(values), dtype=torch.long)
+    targets = torch.tensor(list(values.values()), dtype=torch.float32)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        here = latents.to(h.device)
+        acts = sae.encode(h.to(sae.dtype))[..., here].float()
+        delta = (targets.to(h.device) - acts) @ sae.W_dec[here].float()
+        return h + delta.to(h.dtype)
+
+    return fn
 
 
 def _check_positions(positions) -> str | int:
@@ -58,6 +74,7 @@ def steer(
     mode: str = "add",
     preserve_norm: bool = False,
     condition=None,
+    sae=None,
 ) -> Iterator[nn.Module]:
     """Steer ``model`` inside the ``with`` block; hooks are removed on exit, also on exceptions.
 
@@ -71,6 +88,9 @@ def steer(
     ``condition`` (a ``steerkit.condition.Condition``, CAST): each row is steered only if the condition fires
     on its prompt, decided once per prompt from the mean of its prompt tokens at the condition's block. In the
     prompt itself only blocks after that one can be steered (the decision does not exist before it).
+
+    ``mode="clamp_feature"`` (a vector from ``steerkit.features.feature_vector``, and its ``sae``): each of the
+    vector's latents is held at activation α (see ``clamped``).
     """
     if isinstance(vector, list | tuple):
         vectors = [as_vector(v) for v in vector]
@@ -79,19 +99,42 @@ def steer(
             raise ValueError(f"got {len(vectors)} vectors and {len(alphas)} alphas: expected one alpha per vector")
         with contextlib.ExitStack() as stack:
             for vec, a in zip(vectors, alphas, strict=True):
-                stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm, condition))
+                stack.enter_context(steer(model, vec, a, layers, positions, mode, preserve_norm, condition, sae))
             yield model
         return
     vector = as_vector(vector)
     alpha, positions, chosen = _validated(model, vector, alpha, layers, positions, mode)
     if condition is not None:
         arch.validate_layer(condition.layer, fingerprint(model)["num_hidden_layers"])
-    with intervene(model, _hooks(vector, alpha, chosen, positions, mode, preserve_norm, condition)):
+    change = _feature_clamp(model, vector, alpha, chosen, sae) if mode == "clamp_feature" else None
+    with intervene(model, _hooks(vector, alpha, chosen, positions, mode, preserve_norm, condition, change)):
         yield model
 
 
+def _feature_clamp(model, vector: SteeringVector, alpha: float, chosen: list[int], sae):
+    """The clamp of a feature vector's latents at α, with the SAE moved (a copy) to the block's device."""
+    import copy
+
+    latents = (vector.metadata or {}).get("latents")
+    if not hasattr(sae, "encode") or not hasattr(sae, "W_dec") or not latents or len(chosen) != 1:
+        raise ValueError("mode='clamp_feature' needs a one-layer vector from steerkit.features.feature_vector (it "
+                         "names its latents) and that SAE, loaded (steerkit.load_sae), as sae=")  # fmt: skip
+    width = fingerprint(model)["hidden_size"]
+    if sae.cfg.d_in != width:
+        raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has width {width}")
+    placed: dict = {}
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        if h.device not in placed:
+            here = sae if sae.device == h.device else copy.deepcopy(sae).to(h.device)
+            placed[h.device] = clamped(here, {int(i): alpha for i in latents})
+        return placed[h.device](h)
+
+    return fn
+
+
 def _hooks(vector: SteeringVector, alpha: float, chosen: list[int], positions, mode: str, preserve_norm: bool,
-           condition) -> dict:  # fmt: skip
+           condition, change=None) -> dict:  # fmt: skip
     """``{layer: fn(h, tracker)}`` for ``hooks.intervene``: each steers its block's output; with a condition, a
     read-only hook at the condition's block if none steers there."""
     decided: dict = {}  # CAST: "rows" -> bool [b], whether the condition fired on each row's prompt
@@ -110,7 +153,7 @@ def _hooks(vector: SteeringVector, alpha: float, chosen: list[int], positions, m
                     return None
                 everywhere = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
                 selected = (everywhere if selected is None else selected) & rows.unsqueeze(-1)
-            new = _modify(h, cache[key], alpha, mode, preserve_norm)
+            new = change(h) if change is not None else _modify(h, cache[key], alpha, mode, preserve_norm)
             return new if selected is None else torch.where(selected.unsqueeze(-1), new, h)
 
         return fn

@@ -18,6 +18,7 @@ from steerkit.cli._common import (
     _load,
     _model_inputs,
     _output,
+    _parse_alpha,
     _placement,
     _sae_layer,
     app,
@@ -174,3 +175,75 @@ def attach_adapter(
     mdl, tok = _load(model, placement)
     save_checkpoint(sk.attach_adapter(mdl, adapter, merge=True), tok, output, force=force, inputs=inputs)
     typer.echo(f"wrote {output}")
+
+
+def _latent_weights(spec: str) -> dict[int, float]:
+    """``"123,456"`` or ``"123:2,456:-0.5"`` as ``{latent: weight}``."""
+    weights = {}
+    for item in spec.split(","):
+        latent, _, weight = item.strip().partition(":")
+        if not latent.isdigit():
+            raise typer.BadParameter(
+                f"{item!r}: expected LATENT or LATENT:WEIGHT, e.g. 123 or 123:2", param_hint="--latents"
+            )
+        weights[int(latent)] = _parse_alpha(weight) if weight else 1.0
+    return weights
+
+
+@app.command("feature-vector", rich_help_panel=PANEL)
+def feature_vector(
+    sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format) or a Hub repo id holding one.")],
+    latents: Annotated[str, typer.Option(help="Latents, e.g. '123' or '123,456' or '123:2,456:-0.5' (weights).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Vector file to write (.safetensors).")],
+    layer: Annotated[int | None, typer.Option(help="Its block (default: from the SAE's hook name).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """A steering vector from SAE latents: their decoder rows, so alpha is added latent activation. It goes
+    wherever a vector goes (generate, serve, bake, export-gguf, push)."""
+    import steerkit as sk
+
+    weights = _latent_weights(latents)
+    _output(output, force, [sae])
+    vec = sk.feature_vector(sk.load_sae(sae), weights, layer, source=str(sae))
+    vec.save(output, force=force, inputs=[sae])
+    typer.echo(
+        f"wrote {output} (latents {sorted(weights)} at layer {vec.layers[0]}, norm {vec.norms()[vec.layers[0]]:.3g})"
+    )
+
+
+@app.command(rich_help_panel=PANEL)
+def dashboard(
+    sae: Annotated[Path, typer.Argument(help="An SAE directory (sae-lens format) or a Hub repo id holding one.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the site to (open index.html).")],
+    model: ModelArg = "smollm2-135m-instruct",
+    corpus: CorpusOpt = "default",
+    latents: Annotated[str, typer.Option(help="Latents to show, e.g. '0-199' or '5,17,300'.")] = "0-199",
+    tokens: Annotated[int, typer.Option(help="Held-out tokens to read.", min=1)] = 32_768,
+    pairs: Annotated[
+        str | None, typer.Option(help="A pair set (bundled name or .jsonl) for a separation column.")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Top contexts per latent.", min=1)] = 8,
+    force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """A static, offline HTML dashboard of SAE latents: an index sortable by frequency, largest activation and
+    separation on a pair set, and a page per latent (top contexts shaded by activation, histogram, logit lens,
+    how to steer with it)."""
+    import steerkit as sk
+    from steerkit.arch import parse_layers
+    from steerkit.dashboard import write
+
+    placement = _placement(device, dtype)
+    loaded = sk.load_sae(sae)
+    chosen = parse_layers(latents, loaded.cfg.d_sae)
+    text = sk.load_corpus(corpus)
+    _output(output, force, [sae, *([text.source] if text.source else []), *_model_inputs(model)], directory=True)
+    mdl, tok = _load(model, placement)
+    stats = sk.latent_stats(mdl, tok, loaded, text, latents=chosen, tokens=tokens, top=top)
+    separation = None
+    if pairs is not None:
+        ranked = sk.top_latents(mdl, tok, loaded, pairs, n=loaded.cfg.d_sae)
+        separation = {r["latent"]: r["auroc"] for r in ranked if r["latent"] in set(chosen)}
+    write(stats, output, str(sae), separation, pairs, title=f"{sae.name}: latents", force=force)
+    typer.echo(f"wrote {output}/index.html ({len(chosen)} latents, {stats.tokens} tokens)")

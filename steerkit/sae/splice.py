@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from steerkit import arch
+from steerkit._checks import finite
 from steerkit.backends import fingerprint
 from steerkit.hooks import intervene
 from steerkit.sae.io import check_max_norm, check_sae, load_sae, on_device, recorded_max_norm, sae_layer
+from steerkit.steer import clamped
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,7 @@ def splice(
     skip_first: bool = True,
     grad_through_sae: bool = True,
     max_norm: float | None = None,
+    clamp: dict[int, float] | None = None,
 ) -> contextlib.AbstractContextManager[nn.Module]:
     """Replace block ``layer``'s output (default: the block the SAE's hook name reads) by ``sae``'s
     reconstruction inside the ``with`` block.
@@ -71,6 +74,9 @@ def splice(
     under ``no_grad`` (Resa's released code: nothing at or below the layer then gets a gradient).
     Tokens whose norm exceeds ``max_norm`` (default: the outlier norm ``train_sae`` recorded, if any)
     keep their activation; pass ``float("inf")`` to replace them too.
+
+    ``clamp={latent: value}`` instead holds those latents at those activations and adds only the difference the
+    decoder makes (``steerkit.steer.clamped``: the reconstruction error stays, as in Neuronpedia and Goodfire).
     """
     sae = load_sae(sae)
     check_sae(sae, model)
@@ -78,10 +84,18 @@ def splice(
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
     placed: dict = {}  # device -> the SAE there (moved once per context)
 
+    if clamp is not None:
+        bad = [latent for latent in clamp if not 0 <= int(latent) < sae.cfg.d_sae]
+        if bad or not clamp:
+            raise ValueError(f"clamp={clamp!r}: expected {{latent: activation}} with latents in 0..{sae.cfg.d_sae - 1}")
+        values = {int(latent): finite(value, f"clamp[{latent}]") for latent, value in clamp.items()}
+
     def fn(h: torch.Tensor) -> torch.Tensor:
         here = placed.get(h.device)
         if here is None:
             here = placed[h.device] = on_device(sae, h.device)
+        if clamp is not None:
+            return clamped(here, values)(h)
         with torch.set_grad_enabled(grad_through_sae and torch.is_grad_enabled()):
             new = reconstruct(here, h)
         return new + (h - new).detach() if error_term else new
