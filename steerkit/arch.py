@@ -252,3 +252,11 @@ def parse_layer_values(spec: str, n_layers: int) -> dict[int, float]:
                 raise ValueError(f"{spec!r} gives layer {layer} twice")
             out[layer] = number
     return out
+
+
+def mlp_module(model: nn.Module, layer: int, blocks: str | None = None) -> nn.Module:
+    """Block ``layer``'s MLP (the module holding its output projection): what a transcoder reads and replaces."""
+    writer = residual_writers(model, layer, blocks)["mlp"]
+    block = get_blocks(model, blocks)[layer]
+    parents = {id(child): mod for mod in block.modules() for child in mod.children()}
+    return parents[id(writer)]

@@ -22,7 +22,7 @@ from steerkit.batching import pad_batch, pad_id
 from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus, load_corpus
 from steerkit.sae.io import check_sae, load_sae, on_device, recorded_max_norm, sae_layer
-from steerkit.sae.splice import replace_output, splice
+from steerkit.sae.splice import is_transcoder, replace_mlp, replace_output, splice
 
 DENSE_ABOVE = 0.1  # a latent firing on more than 10% of tokens counts as dense
 
@@ -77,7 +77,8 @@ def evaluate_sae(
     for ids, mask in batches:
         if tally.n_acts >= tokens:
             break
-        sae = _score(model, sae, layer, ids.to(device), mask.to(device), max_norm, tally)
+        score = _score_transcoder if is_transcoder(sae) else _score
+        sae = score(model, sae, layer, ids.to(device), mask.to(device), max_norm, tally)
         bar.update(tally.last)
     bar.close()
     if tally.n_acts == 0:
@@ -123,6 +124,30 @@ def _score(model, sae, layer: int, ids: torch.Tensor, mask: torch.Tensor, max_no
     return sae
 
 
+def _score_transcoder(model, sae, layer: int, ids: torch.Tensor, mask: torch.Tensor, max_norm, tally: _Tally):
+    """One batch three times for a transcoder: clean (reading its MLP's input and output), with the MLP replaced
+    by the transcoder, and with the MLP's output zeroed; the reconstruction scored is of the MLP output."""
+    from steerkit.sae.train import mlp_activations
+
+    real, scored = mask[:, 1:].bool(), mask[:, 2:].bool()
+    run = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    with torch.no_grad():
+        clean = model(**run).logits[:, 1:-1][scored]
+    rows = mlp_activations(model, ids, [layer])[layer][real.reshape(-1).to("cpu")]
+    sae = on_device(sae, rows.device)
+    inlier = rows.norm(dim=-1) <= (max_norm or float("inf"))
+    x, y = rows[inlier, : sae.cfg.d_in], rows[inlier, sae.cfg.d_in :]
+    acts = sae.encode(x.to(sae.dtype))
+    tally.reconstruction(y, acts, sae.decode(acts).float(), outliers=int((~inlier).sum()))
+    targets = ids[:, 2:][scored]
+    with replace_mlp(model, layer, lambda h: sae.decode(sae.encode(h.to(sae.dtype))), max_norm=max_norm):
+        spliced = model(**run).logits[:, 1:-1][scored]
+    with replace_mlp(model, layer, torch.zeros_like, max_norm=max_norm):
+        zero = model(**run).logits[:, 1:-1][scored]
+    tally.losses(F.log_softmax(clean.float(), dim=-1), targets, spliced, zero)
+    return sae
+
+
 class _Tally:
     """Running sums over held-out batches: reconstruction and firing per activation, CE and KL per prediction."""
 
@@ -160,6 +185,7 @@ class _Tally:
         frequency = self.fires.double() / n_acts
         return {
             "explained_variance": 1 - sums["sq_err"] / total_var,
+            "fvu": sums["sq_err"] / total_var,  # fraction of variance unexplained (of the MLP output, a transcoder's)
             "mse": sums["sq_err"] / (n_acts * self.d_in),
             "l0": sums["l0"] / n_acts,
             "dead_fraction": float((self.fires == 0).double().mean()),

@@ -108,6 +108,7 @@ def on_device(sae, device):
 _HOOKS = (
     (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),  # TransformerLens: the output of block i
     (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # the input of block i: the output of block i - 1
+    (re.compile(r"^blocks\.(\d+)\.(?:hook_mlp_in|ln2\.hook_normalized)$"), 0),  # a transcoder of block i's MLP
     (re.compile(r"^(?:model\.)?(?:model\.)?layers\.(\d+)$"), 0),  # a transformers block module
     (re.compile(r"^transformer\.h\.(\d+)$|^gpt_neox\.layers\.(\d+)$"), 0),
 )

@@ -56,6 +56,36 @@ def replace_output(
         yield model
 
 
+def is_transcoder(sae) -> bool:
+    """Whether ``sae`` maps a block's MLP input to its output (sae-lens' transcoder classes) rather than
+    reconstructing the residual stream."""
+    return "transcoder" in type(sae.cfg).architecture()
+
+
+@contextlib.contextmanager
+def replace_mlp(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor], skip_first: bool = True,
+                max_norm: float | None = None) -> Iterator[nn.Module]:  # fmt: skip
+    """Block ``layer``'s MLP output becomes ``fn(MLP input)``, but at each row's first position (``skip_first``)
+    and where ‖[input, output]‖ exceeds ``max_norm`` (a transcoder's recorded outliers). A plain forward hook on
+    the MLP, for every forward while it is entered; rows are taken as unpadded (packed text, or one prompt)."""
+    layer = arch.validate_layer(layer, fingerprint(model)["num_hidden_layers"])
+
+    def hook(_module, args, out):
+        new = fn(args[0]).to(out.dtype)
+        keep = torch.zeros(out.shape[:-1], dtype=torch.bool, device=out.device)
+        if skip_first:
+            keep[..., 0] = True
+        if max_norm is not None:
+            keep |= torch.cat([args[0], out], dim=-1).norm(dim=-1) > max_norm
+        return torch.where(keep.unsqueeze(-1), out, new)
+
+    handle = arch.mlp_module(model, layer).register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
 def splice(
     model: nn.Module,
     sae,
@@ -75,6 +105,9 @@ def splice(
     Tokens whose norm exceeds ``max_norm`` (default: the outlier norm ``train_sae`` recorded, if any)
     keep their activation; pass ``float("inf")`` to replace them too.
 
+    A transcoder (``is_transcoder``) replaces the block's MLP output with its prediction from the MLP input
+    (``replace_mlp``), the SAE's error included.
+
     ``clamp={latent: value}`` instead holds those latents at those activations and adds only the difference the
     decoder makes (``steerkit.steer.clamped``: the reconstruction error stays, as in Neuronpedia and Goodfire).
     """
@@ -82,6 +115,10 @@ def splice(
     check_sae(sae, model)
     layer = sae_layer(sae, layer)
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+    if is_transcoder(sae):
+        if clamp is not None or error_term:
+            raise ValueError("clamp and error_term act on the residual stream: they do not apply to a transcoder")
+        return replace_mlp(model, layer, lambda x: reconstruct(on_device(sae, x.device), x), skip_first, max_norm)
     placed: dict = {}  # device -> the SAE there (moved once per context)
 
     if clamp is not None:

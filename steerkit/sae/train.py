@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from steerkit._config import option
 from steerkit._io import atomic_path, check_output, remove_created
-from steerkit.arch import hidden_size, input_device, layer_list, num_layers
+from steerkit.arch import hidden_size, input_device, layer_list, mlp_module, num_layers
 from steerkit.backends import fingerprint
 from steerkit.backends.tlens import hook_name
 from steerkit.capture import Recorder
@@ -60,6 +60,7 @@ def _standard(k: float, steps: int) -> dict:
     return {"l1_coefficient": 5.0, "l1_warm_up_steps": max(1, steps // 20)}  # ReLU + L1 (k unused)
 
 
+KINDS = ("sae", "transcoder")
 # sae-lens architecture name -> steerkit's defaults for it, from k (the target L0) and the number of steps
 ARCHS: dict[str, Callable[[float, int], dict]] = {
     "topk": _sparse,
@@ -123,6 +124,24 @@ class ShuffleBuffer:
             yield self.pop()
 
 
+def mlp_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{layer: [b * (s - 1), 2 d]}`` float32: at each position after the first, block ``layer``'s MLP input and
+    then its output (what a transcoder reads and predicts)."""
+    seen: dict[int, tuple] = {}
+    handles = [mlp_module(model, layer).register_forward_hook(lambda _m, args, out, layer=layer: seen.__setitem__(
+        layer, (args[0], out))) for layer in layers]  # fmt: skip
+    try:
+        block_activations(model, batch, layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for layer in layers:
+        x, y = (t[:, 1:].reshape(-1, t.shape[-1]).float() for t in seen[layer])
+        out[layer] = torch.cat([x, y], dim=-1)
+    return out
+
+
 def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """``{layer: [b * (s - 1), d]}`` float32 outputs of ``layers`` on packed ``batch`` (first position dropped)."""
     device = input_device(model)
@@ -148,6 +167,8 @@ class _Run:
     sae: nn.Module
     optimizer: torch.optim.Optimizer
     scale: float | None = None
+    scale_out: float | None = None  # a transcoder's: its target (the MLP output) is scaled on its own
+    transcode: bool = False  # rows are [MLP input, MLP output]: encode the first half, predict the second
     max_norm: float | None = None  # activations above this norm are outliers (attention sinks), not trained on
     since_fired: torch.Tensor | None = None  # tokens since each latent last fired
     history: list[dict] = field(default_factory=list)
@@ -165,17 +186,22 @@ class _Run:
                 coefficients[name] = c.value * min(1.0, (step + 1) / max(1, c.warm_up_steps))
             else:
                 coefficients[name] = c
-        x = x * self.scale
         self.sae.train()
-        out = self.sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients=coefficients,
-                dead_neuron_mask=self.since_fired > dead_window,
-                n_training_steps=step,
-                is_logging_step=False,
+        if self.transcode:
+            d = x.shape[1] // 2
+            x, out = x[:, d:] * self.scale_out, _transcode(self.sae, x[:, :d] * self.scale, x[:, d:] * self.scale_out,
+                                                          self.since_fired > dead_window)  # fmt: skip
+        else:
+            x = x * self.scale
+            out = self.sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients=coefficients,
+                    dead_neuron_mask=self.since_fired > dead_window,
+                    n_training_steps=step,
+                    is_logging_step=False,
+                )  # fmt: skip
             )
-        )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         loss = _average_gradients(list(self.sae.parameters()), out.loss.detach())
@@ -201,6 +227,20 @@ class _Run:
                 "l0": float(active.sum(-1).float().mean()),
                 "dead_fraction": float((self.since_fired > dead_window).float().mean()),
             }
+
+
+def _transcode(sae, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor):
+    """A transcoder's training pass: encode the MLP input ``x``, predict the MLP output ``y``; the loss is the
+    squared error plus AuxK (dead latents predicting the error that remains), as sparsify's ``transcode=True``."""
+    from types import SimpleNamespace
+
+    feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+    recon = sae.decode(feature_acts)
+    mse = (recon - y).pow(2).sum(-1).mean()
+    aux = sae.calculate_topk_aux_loss(sae_in=y, sae_out=recon, hidden_pre=hidden_pre, dead_neuron_mask=dead)
+    if hasattr(sae, "update_topk_threshold"):  # BatchTopK: the global threshold its inference form uses
+        sae.update_topk_threshold(feature_acts)
+    return SimpleNamespace(loss=mse + aux, feature_acts=feature_acts, sae_out=recon, losses={"mse_loss": mse})
 
 
 def _average_gradients(params: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
@@ -266,6 +306,7 @@ def _save_checkpoint(path: Path, runs: dict[int, _Run], state: dict, rng_states:
             trainers[layer] = {
                 "param_groups": optim["param_groups"],
                 "scale": run.scale,
+                "scale_out": run.scale_out,
                 "max_norm": run.max_norm,
                 "history": run.history,
             }
@@ -307,7 +348,7 @@ def _load_checkpoint(path: Path, runs: dict[int, _Run], expect: dict, generator:
                 slots.setdefault(int(index), {})[name] = value
         run.optimizer.load_state_dict({"state": slots, "param_groups": saved["param_groups"]})
         run.since_fired = tensors["since_fired"].to(run.sae.device)
-        run.scale, run.history = saved["scale"], saved["history"]
+        run.scale, run.history, run.scale_out = saved["scale"], saved["history"], saved.get("scale_out")
         run.max_norm = saved["max_norm"]
     generator.set_state(load_file(str(path / "rng.safetensors"))[f"shuffle.{rank}"])
     held = path / "buffer.safetensors"
@@ -331,6 +372,11 @@ class TrainConfig:
     and their help from these fields)."""
 
     arch: str = option("topk", f"sae-lens architecture: {', '.join(ARCHS)} (standard: ReLU + L1).")
+    kind: str = option(
+        "sae",
+        "sae (reads and reconstructs a block's output) or transcoder (reads the block's MLP "
+        "input and predicts its output; batchtopk only, saved as sae-lens' jumprelu_transcoder)",
+    )
     d_sae: int | None = option(None, "Latents (default 8 x the model's width).")
     k: float = option(32, "Active latents per token: TopK's k (whole), BatchTopK's mean k, JumpReLU's target L0.")
     tokens: int = option(2_000_000, "Training tokens.")
@@ -350,6 +396,13 @@ class TrainConfig:
         ValueError naming the first option out of range."""
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r}: expected one of {tuple(ARCHS)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r}: expected one of {KINDS}")
+        if self.kind == "transcoder" and self.arch != "batchtopk":
+            raise ValueError(
+                f"a transcoder trains as batchtopk (arch={self.arch!r} given): sae-lens loads its inference form, a "
+                "jumprelu_transcoder with BatchTopK's global threshold, and has no TopK transcoder to load"
+            )
         d_sae = 8 * d_in if self.d_sae is None else self.d_sae
         for name, value in {"d_sae": d_sae, "tokens": self.tokens, "batch_size": self.batch_size,
                             "model_batch": self.model_batch}.items():  # fmt: skip
@@ -458,12 +511,14 @@ def _outputs(out, config: TrainConfig, corpus: Corpus, force: bool) -> tuple[Pat
 def _settings(config: TrainConfig, layers: list[int]) -> dict:
     """What a checkpoint must have been made with to be resumed."""
     return {"arch": config.arch, "layers": layers, "d_sae": config.d_sae, "k": config.k, "ctx_len": config.ctx_len,
-            "batch_size": config.batch_size}  # fmt: skip
+            "batch_size": config.batch_size, **({"kind": config.kind} if config.kind != "sae" else {})}  # fmt: skip
 
 
 def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: TrainConfig, arch_options: dict) -> dict:
     """One fresh SAE and optimiser per layer, on its block's device, seeded by ``config.seed``."""
     options = {**ARCHS[config.arch](config.k, config.steps), **arch_options}
+    if config.kind == "transcoder":  # its decoder bias lives in the output's space, not the input's
+        options["apply_b_dec_to_input"] = False
     meta = {"model_name": fingerprint(model)["name"], "context_size": config.ctx_len, "prepend_bos": False,
             "dataset_path": corpus.name}  # fmt: skip
     torch.manual_seed(config.seed)
@@ -472,6 +527,7 @@ def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: Train
         steerkit = {"layer_index": value, "corpus_fingerprint": corpus.fingerprint, "first_position": "excluded"}
         runs[value] = _new_run(config.arch, value, hidden_size(model), config.d_sae, options, config.lr,
                                {**meta, "steerkit": steerkit}, block_device(model, value))  # fmt: skip
+        runs[value].transcode = config.kind == "transcoder"
     return runs
 
 
@@ -485,7 +541,7 @@ def _activations(model, tok, corpus: Corpus, runs: dict, config: TrainConfig, po
     skip = rank + position.consumed * size
     needed = lambda: (config.steps - position.step) * buffer.batch_size  # noqa: E731  (rows training still takes)
     for chunk in corpus.batches(tok, config.ctx_len, config.model_batch, "train", skip=skip, shard=(rank, size)):
-        acts = block_activations(model, chunk, list(runs))
+        acts = (mlp_activations if config.kind == "transcoder" else block_activations)(model, chunk, list(runs))
         for run in runs.values():
             if run.scale is None:
                 _first_batch(run, acts[run.layer], hidden_size(model))
@@ -566,13 +622,18 @@ def _finish(runs: dict, trained: int, counts: dict, out: Path | None, ckpt: Path
 
 def _first_batch(run: _Run, acts: torch.Tensor, d_in: int) -> None:
     """Outlier norm, mean norm → √d_in scale and decoder bias at the mean, from the first batch (rank 0's, for
-    every rank, so data-parallel SAEs start identical)."""
+    every rank, so data-parallel SAEs start identical). A transcoder's input and output are scaled apart and its
+    decoder bias starts at the output's mean."""
     norms = acts.norm(dim=-1)
     max_norm = OUTLIER_FACTOR * float(norms.median())
     inliers = acts[norms <= max_norm]
-    stats = broadcast(torch.tensor([max_norm, math.sqrt(d_in) / float(inliers.norm(dim=-1).mean())]))
+    x, y = (inliers[:, :d_in], inliers[:, d_in:]) if run.transcode else (inliers, inliers)
+    scales = [math.sqrt(d_in) / float(part.norm(dim=-1).mean().clamp_min(1e-12)) for part in (x, y)]
+    stats = broadcast(torch.tensor([max_norm, *scales]))
     run.max_norm, run.scale = float(stats[0]), float(stats[1])
-    run.sae.b_dec.data = broadcast((inliers.mean(0) * run.scale).to(run.sae.b_dec.dtype))
+    run.scale_out = float(stats[2]) if run.transcode else None
+    target_scale = run.scale_out if run.transcode else run.scale
+    run.sae.b_dec.data = broadcast((y.mean(0) * target_scale).to(run.sae.b_dec.dtype))
 
 
 def _checkpoint(ckpt: Path, runs: dict, position: _Position, settings: dict) -> None:
@@ -600,16 +661,39 @@ def _write(runs: dict[int, _Run], trained: int, root: Path, single: bool, counts
     """Fold the training scale into each SAE and write sae-lens directories plus ``training_log.json``."""
     for value, run in runs.items():
         target = root if single else root / f"layer_{value}"
-        run.sae.fold_activation_norm_scaling_factor(run.scale)
-        run.sae.cfg.metadata.steerkit = {
-            **run.sae.cfg.metadata.steerkit,
-            "tokens": trained,
-            "scale": run.scale,
-            "max_norm": run.max_norm,
-            "outlier_fraction": counts["excluded"] / max(1, counts["seen"]),
-        }
-        run.sae.save_inference_model(target)
+        info = {**run.sae.cfg.metadata.steerkit, "tokens": trained, "scale": run.scale, "max_norm": run.max_norm,
+                "outlier_fraction": counts["excluded"] / max(1, counts["seen"])}  # fmt: skip
+        if run.transcode:
+            _transcoder(run, {**info, "scale_out": run.scale_out}).save_model(target)
+        else:
+            run.sae.fold_activation_norm_scaling_factor(run.scale)
+            run.sae.cfg.metadata.steerkit = info
+            run.sae.save_inference_model(target)
         (target / "training_log.json").write_text(json.dumps(run.history))
+
+
+def _transcoder(run: _Run, info: dict):
+    """A trained BatchTopK transcoder as sae-lens' ``JumpReLUTranscoder`` on raw activations: the input scale
+    folded into the encoder, the output scale out of the decoder, BatchTopK's global threshold as every latent's
+    (the pre-activations it is compared with are unchanged by the folding)."""
+    from sae_lens import JumpReLUTranscoder, JumpReLUTranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = run.sae
+    meta = sae.cfg.metadata
+    metadata = SAEMetadata(model_name=meta.model_name, hook_name=f"blocks.{run.layer}.hook_mlp_in",
+                           context_size=meta.context_size, prepend_bos=False, dataset_path=meta.dataset_path,
+                           hook_name_out=f"blocks.{run.layer}.hook_mlp_out", steerkit=info)  # fmt: skip
+    cfg = JumpReLUTranscoderConfig(d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, d_out=sae.cfg.d_in, metadata=metadata,
+                                   apply_b_dec_to_input=False,
+                                   device=str(sae.device))  # fmt: skip
+    transcoder = JumpReLUTranscoder(cfg)
+    with torch.no_grad():
+        transcoder.load_state_dict({
+            "W_enc": sae.W_enc * run.scale, "b_enc": sae.b_enc, "W_dec": sae.W_dec / run.scale_out,
+            "b_dec": sae.b_dec / run.scale_out, "threshold": torch.full_like(sae.b_enc, float(sae.topk_threshold)),
+        })  # fmt: skip
+    return transcoder
 
 
 def _read(runs: dict[int, _Run], root: Path, single: bool) -> dict:
