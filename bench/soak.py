@@ -3,8 +3,9 @@ mix of steered, unsteered, streamed, cancelled-mid-stream, malformed and over-li
 answers are checked against the documented status of each kind.
 
 Reports completed / refused by kind / failed (a wrong status, any 5xx, a broken connection), latency p50 / p99 of
-the answered kinds, and the server's RSS after warm-up and at the end. Targets: no 5xx, every refusal its
-documented status, RSS growth under 50 MB. Stops by itself. Writes ``artifacts/soak/report.{md,json}``::
+the answered kinds, and the server's RSS after a warm-up at full concurrency, every 10 s, and at the end. Targets:
+no 5xx, every refusal its documented status, RSS growth under 50 MB. Stops by itself. Writes
+``artifacts/soak/report.{md,json}``::
 
     .venv/bin/python bench/soak.py [--requests 2000] [--seconds 600] [--clients 16]
 """
@@ -70,6 +71,20 @@ def request(client: httpx.Client, url: str, kind: str, rng: random.Random) -> in
     return client.post(f"{url}/v1/chat/completions", json=chat, headers=headers).status_code
 
 
+def warm_up(url: str, clients: int) -> None:
+    """Two rounds of full batches of every answered kind, so that the baseline RSS is the server's at load (the
+    allocator's high-water mark for the largest batch), and growth after it is what a leak would add."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> None:
+        with httpx.Client(timeout=120) as session:
+            request(session, url, ["steered", "unsteered", "streamed"][i % 3], random.Random(i))
+
+    for _ in range(2):
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(clients * 2)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -107,24 +122,25 @@ def main() -> None:
                 time.sleep(max(0.0, pace - took) * rng.random() * 2)
 
     try:
-        for _ in range(3):  # warm-up, then the baseline RSS
-            request(httpx.Client(timeout=120), url, "steered", random.Random(0))
+        warm_up(url, args.clients)
         rss_start = server.memory_info().rss
         started = time.monotonic()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        trace = []  # (seconds, RSS) every 10 s: a leak climbs, an allocator's high-water mark levels off
+        while any(t.is_alive() for t in threads):
+            trace.append((time.monotonic() - started, server.memory_info().rss))
+            time.sleep(10)
         wall = time.monotonic() - started
         rss_end = server.memory_info().rss
     finally:
         proc.terminate()
         proc.wait(60)
-    report(outcomes, errors, rss_start, rss_end, wall, args)
+    report(outcomes, errors, rss_start, rss_end, wall, args, trace)
 
 
-def report(outcomes, errors, rss_start: int, rss_end: int, wall: float, args) -> None:
+def report(outcomes, errors, rss_start: int, rss_end: int, wall: float, args, trace: list) -> None:
     from steerkit._io import atomic_path
 
     by_kind: dict[str, list] = defaultdict(list)
@@ -151,13 +167,16 @@ def report(outcomes, errors, rss_start: int, rss_end: int, wall: float, args) ->
               f"connection errors: {dict(errors) or 'none'}",
               f"server RSS after warm-up {rss_start / 2**20:.0f} MB, at the end {rss_end / 2**20:.0f} MB "
               f"(growth {growth:+.1f} MB; target < 50)",
+              "RSS over the run (s: MB): "
+              + ", ".join(f"{t:.0f}: {m / 2**20:.0f}" for t, m in trace[:: max(1, len(trace) // 12)]),
               f"targets: no 5xx {'met' if not fives else 'MISSED'}; every refusal its documented status "
               f"{'met' if not wrong else 'MISSED'}; RSS growth {'met' if growth < 50 else 'MISSED'}",
               "", f"reproduce: `.venv/bin/python bench/soak.py --requests {args.requests} --seconds {args.seconds:g} "
               f"--clients {args.clients}`"]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
-    data = {"outcomes": outcomes, "errors": dict(errors), "rss_start": rss_start, "rss_end": rss_end, "wall": wall}
+    data = {"outcomes": outcomes, "errors": dict(errors), "rss_start": rss_start, "rss_end": rss_end, "wall": wall,
+            "rss_trace": trace}  # fmt: skip
     for name, content in (("report.md", text), ("report.json", json.dumps(data) + "\n")):
         with atomic_path(ROOT / "artifacts" / "soak" / name, force=True) as tmp:
             Path(tmp).write_text(content)
