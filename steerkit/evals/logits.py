@@ -12,15 +12,15 @@ from collections.abc import Sequence
 import torch
 
 from steerkit.arch import input_device
-from steerkit.batching import length_batches, pad_batch, pad_id, tokenize
+from steerkit.batching import length_batches, pad_batch, pad_id, prompt_ids
 
 
 def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """``[N, vocab]`` float32 CPU log-probabilities of the next token after each prompt (special tokens as given)."""
+    """``[N, vocab]`` float32 CPU log-probabilities of the next token after each prompt (``prompt_ids``)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
-    ids = tokenize(tok, prompts, None, False, add_special_tokens=False)
+    ids = prompt_ids(tok, prompts)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     device = input_device(model)
     side = getattr(tok, "padding_side", "right")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from steerkit import arch
+from steerkit.batching import prompt_ids
 from steerkit.serve.limits import ServeConfig
 from steerkit.steer import scaled
 from steerkit.vector import SteeringVector
@@ -171,7 +172,7 @@ def parse_completion(body, chat: bool, tok, library: Library, dtype_at: Callable
                            "(max_steering)")  # fmt: skip
     entries = parse_steering(steering, library, dtype_at)
     sampling = {"temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": flags["ignore_eos"]}
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tok, [prompt])[0]
     return Completion(ids, max_tokens, entries, sampling, _logprobs_option(body, chat),
                       flags["return_tokens_as_token_ids"], flags["stream"], bool(options.get("include_usage")),
                       body.get("model"), _stop(body.get("stop"), limits.max_stop))  # fmt: skip
