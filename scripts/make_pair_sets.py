@@ -250,6 +250,41 @@ OTHER = {  # questions on other topics, each template with fills that make sense
 }  # fmt: skip
 
 
+# Formality: one message in two registers (formal, casual), in frames that carry the register too.
+MESSAGES = [
+    ("the meeting has been moved to Thursday afternoon", "the meeting got moved to thursday arvo"),
+    ("your order will be delivered tomorrow morning", "ur order's showing up tomorrow morning"),
+    ("I am unable to attend the dinner this evening", "i can't make it to dinner tonight"),
+    ("the report requires several further revisions", "the report needs a bunch more fixes"),
+    ("we have received your application", "we got your application"),
+    ("the library will remain closed until Monday", "the library's shut till monday"),
+    ("I would be grateful for your assistance with the budget", "could really use a hand with the budget"),
+    ("the results of the survey are now available", "survey results are out now"),
+    ("please accept my apologies for the delay", "sorry it took me so long"),
+    ("the train to the airport has been cancelled", "the airport train got cancelled"),
+    ("I shall forward the documents this afternoon", "i'll send the docs over this afternoon"),
+    ("the project deadline has been extended by one week", "we got an extra week for the project"),
+    ("the new policy comes into effect next month", "the new rules kick in next month"),
+    ("your subscription has been renewed successfully", "your subscription's all renewed"),
+]
+FORMAL_FRAMES = ["Dear colleague, I am writing to inform you that {m}. Kind regards.",
+                 "Please be advised that {m}. Should you require further information, do not hesitate to contact us.",
+                 "Good afternoon. I wish to confirm that {m}. Thank you for your understanding.",
+                 "For your information, {m}. I remain at your disposal for any questions.",
+                 "It is my pleasure to let you know that {m}. With best regards."]  # fmt: skip
+CASUAL_FRAMES = ["hey! just so u know, {m} lol", "yo, heads up: {m}. cool?", "omg guess what, {m}!! haha",
+                 "btw {m}, lmk if that's a problem", "so yeah, {m}. no biggie :)"]  # fmt: skip
+
+
+def formality(rng: random.Random) -> list[tuple[str, str]]:
+    """The same message written formally (positive) and casually (negative)."""
+    pairs = []
+    for formal, casual in MESSAGES:
+        for f_frame, c_frame in zip(rng.sample(FORMAL_FRAMES, 5), rng.sample(CASUAL_FRAMES, 5), strict=True):
+            pairs.append((f_frame.format(m=formal), c_frame.format(m=casual)))
+    return pairs
+
+
 def cooking(rng: random.Random, n: int = 90) -> list[tuple[str, int]]:
     """Cooking questions (label 1) and questions on other topics (label 0), interleaved."""
     cook, other, seen = [], [], set()
@@ -277,6 +312,7 @@ def main() -> None:
         ("concise", concise),
         ("reasoning", reasoning),
         ("truthful", truthful),
+        ("formality", formality),
     ]:
         pairs = build(random.Random(f"steerkit-{name}"))
         lines = [
