@@ -164,3 +164,14 @@ def test_task_files_roundtrip_and_malformed_lines(tmp_path):
         load_task(str(bad))
     with pytest.raises(FileNotFoundError, match="no task file"):
         load_task(str(tmp_path / "missing.jsonl"))
+
+
+def test_t_interval_and_holm_against_hand_computations():
+    from steerkit.evals.stats import holm, t_interval
+
+    mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2 df) = 4.303 (from a table)
+    assert mean == 2.0 and abs(low - (2 - 4.303 / 3**0.5)) < 1e-3 and abs(high - (2 + 4.303 / 3**0.5)) < 1e-3
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3 x 0.01; 2 x 0.03; max(0.06, 0.04)
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="at least two values"):
+        t_interval([1.0])

@@ -112,3 +112,14 @@ def test_lora_sft_baseline_without_sae(target, tok):
     assert plain.history[-1] < plain.history[0]
     with pytest.raises(ValueError, match="without an SAE the kl loss is zero"):
         sae_tune(target, tok, None, 1, TEXTS, loss="kl", **FAST)
+
+
+def test_the_resa_preset_tunes_one_example_a_step_with_every_token_spliced(tok):
+    from steerkit.sae.tune import TuneConfig
+
+    resa = TuneConfig.resa(lr=1e-3, epochs=1)
+    assert (resa.batch_size, resa.grad_through_sae, resa.skip_first, resa.replace_outliers) == (1, False, False, True)
+    tuned = sae_tune(make_tiny("llama", len(tok)), tok, _sae(), 1, TEXTS, config=resa, progress=False)
+    assert len(tuned.history) == len(TEXTS)  # batch 1, one epoch
+    with pytest.raises(ValueError, match="loss='mse'"):
+        TuneConfig.resa(loss="mse").checked()

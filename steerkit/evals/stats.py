@@ -1,5 +1,6 @@
 """Intervals and tests for per-item results: bootstrap, paired bootstrap, fraction of a gain recovered, McNemar,
-pass@k, paired held-out AUROC against a pair-swap null."""
+pass@k, paired held-out AUROC against a pair-swap null; over seeds, a t-interval of the mean; across a stage's
+comparisons, Holm's correction."""
 
 from __future__ import annotations
 
@@ -92,3 +93,28 @@ def auroc_null(
         null.append(auroc(torch.where(swap, neg, pos), torch.where(swap, pos, neg)))
     p = (1 + sum(x >= observed for x in null)) / (1 + n)
     return observed, p, null
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval of the mean of a few values (one per seed), the honest interval
+    for three seeds where ± one standard deviation is not one."""
+    from scipy import stats as scipy_stats
+
+    values = [float(v) for v in values]
+    if len(values) < 2:
+        raise ValueError(f"a t interval needs at least two values, got {len(values)}")
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = float(scipy_stats.t.ppf((1 + level) / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given: compare each with the family's α (the step-down
+    procedure's adjusted values, monotone, capped at 1)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * float(p_values[i])))
+        adjusted[i] = running
+    return adjusted

@@ -81,6 +81,7 @@ class TuneConfig:
     loss: str = option("kl", "kl (Resa: match the untouched target, no labels) or ce (the answers' tokens).")
     grad_through_sae: bool = option(True, "Let gradients flow through the frozen SAE (off: Resa's released code).")
     skip_first: bool = option(True, "Leave each row's first token unspliced (as splice does by default).")
+    replace_outliers: bool = option(False, "Splice tokens above the SAE's recorded outlier norm too (Resa: every one).")
     epochs: int = option(2, "Passes over the data.")
     lr: float = option(1e-4, "AdamW learning rate.")
     batch_size: int = option(8, "Examples per step.")
@@ -89,6 +90,16 @@ class TuneConfig:
     lora_alpha: float | None = option(None, "LoRA alpha (default 4 x rank, as Resa's 32 / 128).")
     seed: int = option(0, "Seed of the LoRA initialisation and the example order.")
     autocast: bool = option(False, "Forward passes in bf16 (the adapters and AdamW stay float32).")
+
+    @classmethod
+    def resa(cls, **changes) -> TuneConfig:
+        """Resa's released recipe (their ``scripts/train/sae_tuning.py`` and ``sae_tuning.yaml``): the SAE frozen
+        under ``no_grad`` and every token's block output replaced (the first and outliers too); LoRA rank 32, α
+        128; KL to the adapter-free model; lr 1e-6, batch 1, 2 epochs. ``changes`` override fields (the learning
+        rate Resa set for a 1.5B model is the one a miniature most needs to revisit)."""
+        recipe = dict(loss="kl", grad_through_sae=False, skip_first=False, replace_outliers=True, epochs=2, lr=1e-6,
+                      batch_size=1, rank=32, lora_alpha=128.0)  # fmt: skip
+        return cls(**{**recipe, **changes})
 
     def checked(self) -> TuneConfig:
         """ValueError naming the first option out of range."""
@@ -199,7 +210,14 @@ def _loss(model, base, sae, layer: int | None, batch: list[torch.Tensor], config
         with torch.no_grad(), model.disable_adapter(), low:
             teacher = F.log_softmax(base(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
     spliced = (
-        splice(base, sae, layer, skip_first=config.skip_first, grad_through_sae=config.grad_through_sae)
+        splice(
+            base,
+            sae,
+            layer,
+            skip_first=config.skip_first,
+            grad_through_sae=config.grad_through_sae,
+            max_norm=float("inf") if config.replace_outliers else None,
+        )
         if sae is not None
         else contextlib.nullcontext()
     )
