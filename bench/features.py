@@ -14,7 +14,8 @@ Transcoders: a BatchTopK transcoder of block 13's MLP and a BatchTopK SAE of blo
 k, same tokens: FVU of each one's target and CE loss recovered when spliced, on held-out text.
 
 Run: .venv/bin/python bench/features.py   (about 45 minutes on 2 cores; stages cached under bench/.cache/features)
-Writes artifacts/features/{report.md, report.json, steering.png}.
+Writes artifacts/features/{report.md, report.json, steering.png} and a dashboard of 200 latents,
+artifacts/features/dashboard/.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from steerkit.evals.stats import bootstrap, paired_bootstrap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT, CACHE = ROOT / "artifacts" / "features", ROOT / "bench" / ".cache" / "features"
-LAYER, ALPHAS, TOKENS = 8, [-1.0, -0.5, 0.5, 1.0, 1.5], 40
+LAYER, ALPHAS, TOKENS, DASHBOARD = 8, [-1.0, -0.5, 0.5, 1.0, 1.5], 40, 200
 SAE = dict(arch="topk", d_sae=4608, k=32, tokens=1_000_000, batch_size=1024, autocast=True)
 CODERS = dict(arch="batchtopk", d_sae=4608, k=32, tokens=500_000, batch_size=1024, autocast=True)
 PROMPTS = ["Tell me about your weekend.", "How was the movie?", "Describe your morning.", "What did you eat today?",
@@ -165,6 +166,20 @@ def main() -> None:
                                          "prompting": prompting, "result": result}  # fmt: skip
     report["transcoder"] = cached("coders", lambda: coders(model, tok, corpus))
     write(report)
+    dashboard(model, tok, sae, corpus)
+
+
+def dashboard(model, tok, sae, corpus) -> None:
+    """The dashboard of the DASHBOARD latents that best separate the formality pairs (held-out AUROC)."""
+    from steerkit.dashboard import write as write_site
+
+    ranked = sk.top_latents(model, tok, sae, "formality", n=DASHBOARD)
+    latents = [r["latent"] for r in ranked]
+    stats = sk.latent_stats(model, tok, sae, corpus, latents=latents, tokens=32_768, top=6)
+    separation = {r["latent"]: r["auroc"] for r in ranked}
+    title = f"Block {LAYER} TopK SAE (1M tokens): the {DASHBOARD} latents that best separate formal from casual"
+    write_site(stats, OUT / "dashboard", f"bench/.cache/features/sae_l{LAYER}", separation, "formality", title=title,
+               force=True)  # fmt: skip
 
 
 def coders(model, tok, corpus) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from PIL import Image
 
 import steerkit as sk
 from steerkit import cli
@@ -66,12 +67,14 @@ def test_a_latent_page_shows_its_contexts_shaded_and_a_screenshot_is_taken(site,
     page = folder / "latents" / f"{latent}.html"
     dom, console = _chromium("--dump-dom", page.as_uri())
     assert console == ""
-    shades = [float(a) for a in re.findall(r'class="tok" style="background: rgba\(255, 120, 0, ([0-9.]+)\)', dom)]
+    shades = [float(a) for a in re.findall(r'class="tok on" style="--a:([0-9.]+)"', dom)]
     assert shades and max(shades) == 1.0 and min(shades) < 1.0  # the peak is the darkest, others lighter
     assert "<svg" in dom and "Logit lens" in dom and f'sk.feature_vector("my-sae", {latent})' in dom
     shot = tmp_path / "latent.png"
     _chromium(f"--screenshot={shot}", "--window-size=1200,900", page.as_uri())
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    pixels = Image.open(shot).convert("RGB").getdata()
+    assert any(r >= 250 and g < 200 and b < g - 30 for r, g, b in pixels)  # the shading is drawn, not just written
 
 
 def test_the_commands_write_a_feature_vector_and_a_dashboard(tmp_path, capsys, smollm):

@@ -62,13 +62,15 @@ def _index(stats: LatentStats, separation: dict, pairs: str | None, title: str) 
 
 
 def _shade(tokens: list[str], acts: list[float], peak: float) -> str:
-    """Tokens as spans whose background deepens with the latent's activation on each (its peak the darkest)."""
+    """Tokens as spans whose background deepens with the latent's activation on each (its peak the darkest);
+    a token where the latent is silent is a bare span, which keeps a page of many contexts small."""
     spans = []
     for token, act in zip(tokens, acts, strict=True):
-        alpha = max(0.0, min(1.0, act / peak)) if peak > 0 else 0.0
         text = html.escape(token).replace("\n", "⏎")
-        spans.append(f'<span class="tok" style="background: rgba(255, 120, 0, {alpha:.2f})" '
-                     f'title="{act:.3g}" data-act="{act:.4g}">{text}</span>')  # fmt: skip
+        if act <= 0 or peak <= 0:
+            spans.append(f'<span class="tok">{text}</span>')
+            continue
+        spans.append(f'<span class="tok on" style="--a:{min(1.0, act / peak):.2f}" title="{act:.3g}">{text}</span>')
     return "".join(spans)
 
 
