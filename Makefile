@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test fuzz gemma test-gemma chromium bench-soak bench-features test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test test-notebooks fuzz gemma test-gemma chromium bench-soak bench-features test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -50,7 +50,11 @@ fuzz: setup
 
 # The conformance suite (tests/conformance, about 6 minutes) has its own target, which .ci/run also calls.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma"
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma and not notebook"
+
+# Every notebook executed top to bottom with small settings (about 10 minutes: its own group, .ci/run calls it).
+test-notebooks: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_notebooks.py -m notebook
 
 # vLLM's CPU build with the steerkit plugin, in its own environment (vLLM pins transformers<5.20, the project
 # runs newer), for tests/conformance/test_vllm.py and bench/vllm.py.

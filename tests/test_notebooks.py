@@ -21,7 +21,7 @@ def _drawing_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code" and DRAWS.search(c.source)]
 
 
-@pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_shows_its_figures(path, tmp_path, monkeypatch):
     monkeypatch.setenv("STEERKIT_NB_STEPS", "5")
