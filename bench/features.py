@@ -132,8 +132,10 @@ def choose(result: dict, name: str) -> tuple[float, dict]:
 
     usable = [a for a in result[name] if sum(result[name][a]["val"]["distinct"]) / 16 >= 0.5] or list(result[name])
     alpha = max(usable, key=lambda a: change("val", a))
-    diff = paired_bootstrap(result[name][alpha]["test"]["score"], base["test"]["score"])
-    return float(alpha), {"test change": diff, "distinct": sum(result[name][alpha]["test"]["distinct"]) / 16}
+    scores = result[name][alpha]["test"]["score"]
+    diff = paired_bootstrap(scores, base["test"]["score"])
+    return float(alpha), {"test change": diff, "distinct": sum(result[name][alpha]["test"]["distinct"]) / 16,
+                          "scores": scores}  # fmt: skip
 
 
 def main() -> None:
@@ -203,13 +205,17 @@ def write(report: dict) -> None:
                   f"(AUROC {part['best latent']['auroc']:.3f}, mean activation difference "
                   f"{part['best latent']['mean_diff']:.3g})" + ("" if check is None else
                   f"; the formality scorer separates the held-out pairs with AUROC {check:.3f}"), "",
-                  "| direction | α (validation) | test change [95% CI] | distinct-token ratio |",
-                  "| --- | --- | --- | --- |"]  # fmt: skip
+                  "| direction | α (validation) | test change [95% CI] | against the random latent [95% CI] "
+                  "| distinct-token ratio |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        control = next(got["scores"] for name, (_, got) in part["chosen"].items() if name.startswith("random"))
         for name, (alpha, got) in part["chosen"].items():
-            mean, lo, hi = got["test change"]
-            lines.append(f"| {name} | {alpha:g} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {got['distinct']:.2f} |")
-        mean, lo, hi = part["prompting"]
-        lines += [f'| prompting: "{SYSTEM[behaviour]}" | — | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | — |', ""]
+            against = "—" if got["scores"] is control else _interval(paired_bootstrap(got["scores"], control))
+            change, distinct = _interval(got["test change"]), got["distinct"]
+            lines.append(f"| {name} | {alpha:g} | {change} | {against} | {distinct:.2f} |")
+        scores = {name.split(" (")[0]: got["scores"] for name, (_, got) in part["chosen"].items()}
+        lines += [f'| prompting: "{SYSTEM[behaviour]}" | — | {_interval(part["prompting"])} | — | — |', "",
+                  "best latent against the mean difference, each at its α: "
+                  f"{_interval(paired_bootstrap(scores['best latent'], scores['mean difference']))}", ""]  # fmt: skip
     tc = report["transcoder"]
     lines += ["## Transcoder against SAE (block 13, BatchTopK, d_sae 4608, k 32, 500k tokens)", "",
               "| | target | FVU | CE loss recovered | L0 |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -223,6 +229,11 @@ def write(report: dict) -> None:
     for name, content in (("report.md", text), ("report.json", json.dumps(report, default=str) + "\n")):
         with atomic_path(OUT / name, force=True) as tmp:
             Path(tmp).write_text(content)
+
+
+def _interval(stat: tuple[float, float, float]) -> str:
+    mean, lo, hi = stat
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def figure(report: dict) -> None:

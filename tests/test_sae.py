@@ -91,6 +91,9 @@ def test_other_architectures(arch, saved_as, tiny_llama_module, tok, default_cor
     assert last["explained_variance"] > 0.05 and 0 < last["l0"] < 64, last
     if arch == "standard":  # the L1 penalty is doing its work
         assert last["l0"] < first["l0"]
+    if arch == "batchtopk":  # saved as JumpReLU, its global threshold keeps about k = 4 a token on new text
+        l0 = evaluate_sae(tiny_llama_module, tok, sae, corpus=default_corpus, tokens=1024, ctx_len=32, progress=False)
+        assert 2.5 < l0["l0"] < 6.5, l0["l0"]
 
 
 def test_several_layers_in_one_pass(tiny_llama_module, tok, default_corpus, tmp_path):

@@ -10,7 +10,7 @@ from steerkit.sae.train import mlp_activations
 from tests.conftest import make_tiny
 
 SETTINGS = dict(kind="transcoder", arch="batchtopk", d_sae=64, k=8, tokens=16384, batch_size=256, ctx_len=64,
-                buffer_tokens=4096, progress=False, topk_threshold_lr=0.05)  # fmt: skip
+                buffer_tokens=4096, progress=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_a_transcoder_saves_as_sae_lens_loads_it_and_predicts_the_mlp_output(tra
     assert fvu < 0.85  # it learned the MLP (predicting the mean output is 1)
     metrics = sk.evaluate_sae(model, tok, transcoder, corpus=default_corpus, tokens=2048, ctx_len=64, progress=False)
     assert abs(metrics["fvu"] - fvu) < 0.15 and metrics["fvu"] == pytest.approx(1 - metrics["explained_variance"])
-    assert 2 < metrics["l0"] < 24 and metrics["kl_spliced"] >= 0  # (CE recovered: the bench, on the real model)
+    assert 5 < metrics["l0"] < 12 and metrics["kl_spliced"] >= 0  # k = 8 a token on average, on new text
 
 
 def test_splicing_a_transcoder_replaces_the_mlp_output_after_the_first_token(trained, tok):
