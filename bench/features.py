@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -180,8 +182,14 @@ def dashboard(model, tok, sae, corpus) -> None:
     stats = sk.latent_stats(model, tok, sae, corpus, latents=latents, tokens=32_768, top=6)
     separation = {r["latent"]: r["auroc"] for r in ranked}
     title = f"Block {LAYER} TopK SAE (1M tokens): the {DASHBOARD} latents that best separate formal from casual"
-    write_site(stats, OUT / "dashboard", f"bench/.cache/features/sae_l{LAYER}", separation, "formality", title=title,
-               force=True)  # fmt: skip
+    site = write_site(stats, OUT / "dashboard", f"bench/.cache/features/sae_l{LAYER}", separation, "formality",
+                      title=title, force=True)  # fmt: skip
+    chromium = shutil.which("chromium")
+    if chromium is not None:  # a picture of the best latent's page, for the docs
+        with atomic_path(OUT / "dashboard.png", force=True) as tmp:
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={tmp}",
+                            "--window-size=1200,1000", (site / "latents" / f"{latents[0]}.html").as_uri()],
+                           check=True, capture_output=True, timeout=120)  # fmt: skip
 
 
 def coders(model, tok, corpus) -> dict:
