@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -184,12 +185,20 @@ def dashboard(model, tok, sae, corpus) -> None:
     title = f"Block {LAYER} TopK SAE (1M tokens): the {DASHBOARD} latents that best separate formal from casual"
     site = write_site(stats, OUT / "dashboard", f"bench/.cache/features/sae_l{LAYER}", separation, "formality",
                       title=title, force=True)  # fmt: skip
+    screenshot(site / "latents" / f"{latents[0]}.html", OUT / "dashboard.png")
+
+
+def screenshot(page: Path, out: Path) -> None:
+    """A picture of a dashboard page, for the docs, where chromium is installed (it names its file by suffix)."""
     chromium = shutil.which("chromium")
-    if chromium is not None:  # a picture of the best latent's page, for the docs
-        with atomic_path(OUT / "dashboard.png", force=True) as tmp:
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={tmp}",
-                            "--window-size=1200,1000", (site / "latents" / f"{latents[0]}.html").as_uri()],
-                           check=True, capture_output=True, timeout=120)  # fmt: skip
+    if chromium is None:
+        return
+    with tempfile.TemporaryDirectory() as folder, atomic_path(out, force=True) as tmp:
+        shot = Path(folder) / "page.png"
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                   "--window-size=1200,1000", page.as_uri()]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        shutil.move(shot, tmp)
 
 
 def coders(model, tok, corpus) -> dict:
@@ -226,10 +235,15 @@ def write(report: dict) -> None:
                   f"{_interval(paired_bootstrap(scores['best latent'], scores['mean difference']))}", ""]  # fmt: skip
     tc = report["transcoder"]
     lines += ["## Transcoder against SAE (block 13, BatchTopK, d_sae 4608, k 32, 500k tokens)", "",
-              "| | target | FVU | CE loss recovered | L0 |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| | target | FVU | L0 | CE loss: clean → spliced → target zeroed | CE loss recovered |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for kind, target in (("sae", "block output"), ("transcoder", "MLP output")):
         m = tc[kind]
-        lines.append(f"| {kind} | {target} | {m['fvu']:.3f} | {m['ce_loss_recovered']:.3f} | {m['l0']:.1f} |")
+        losses = f"{m['ce_loss_clean']:.3f} → {m['ce_loss_spliced']:.3f} → {m['ce_loss_zero']:.3f}"
+        recovered = m["ce_loss_recovered"]
+        lines.append(f"| {kind} | {target} | {m['fvu']:.3f} | {m['l0']:.1f} | {losses} | {recovered:.3f} |")
+    lines += ["", "Zeroing the block output and zeroing the MLP output are different baselines: compare the spliced "
+              "losses, not the fractions recovered."]  # fmt: skip
     lines += ["", "reproduce: `.venv/bin/python bench/features.py`"]
     text = "\n".join(lines) + "\n"
     print(text)
