@@ -9,7 +9,7 @@ everything it holds unless a module of it is named on its own line.
     2 models        models backends
     3 plumbing      _hub hooks data
     4 data types    vector weights.taskvec capture
-    5 appliers      extract steer sae.io weights
+    5 appliers      extract steer sae.io clamp weights
     6 methods       condition sae evals features
     7 services      hub plots serve dashboard
     8 entry points  integrations cli demo steerkit

@@ -234,6 +234,18 @@ def intervene(model: nn.Module, fns: Mapping[int, BlockFn], blocks: str | None =
         _ACTIVE.set(tuple(e for e in _ACTIVE.get() if e is not entry))
 
 
+@contextlib.contextmanager
+def on_output(module: nn.Module, fn: Callable[[nn.Module, tuple, object], object]) -> Iterator[nn.Module]:
+    """A plain forward hook ``fn(module, args, output)`` on one sub-module (an MLP) while entered, on every
+    forward from any context; it returns a replacement output or None. For what reads or replaces a part of a
+    block (transcoders) rather than the block's output, which ``intervene`` owns."""
+    handle = module.register_forward_hook(fn)
+    try:
+        yield module
+    finally:
+        handle.remove()
+
+
 def active_count() -> int:
     """How many modules carry steerkit hooks right now (0 once every context has exited)."""
     with _lock:

@@ -9,7 +9,7 @@ thread or asyncio task that entered it. Weights are never touched; hooks go when
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from steerkit import arch
 from steerkit._checks import finite
 from steerkit.backends import fingerprint, kind
 from steerkit.batching import pad_batch, pad_id, prompt_ids
+from steerkit.clamp import clamped
 from steerkit.hooks import block_dtype, intervene
 from steerkit.models import chat_prompt
 from steerkit.vector import SteeringVector, as_vector
@@ -38,22 +39,6 @@ def _modify(h: torch.Tensor, v: torch.Tensor, alpha: float, mode: str, preserve_
     if preserve_norm:
         new = new * (h.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return new
-
-
-def clamped(sae, values: dict[int, float]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn(h)``: ``h`` with the SAE latents ``values`` names set to those activations, as Neuronpedia and Goodfire
-    clamp: encode, set, and add only the difference the decoder makes, ``Σᵢ (vᵢ − aᵢ(h))·W_dec[i]``, so the SAE's
-    reconstruction error stays in the stream."""
-    latents = torch.tensor(list(values), dtype=torch.long)
-    targets = torch.tensor(list(values.values()), dtype=torch.float32)
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        here = latents.to(h.device)
-        acts = sae.encode(h.to(sae.dtype))[..., here].float()
-        delta = (targets.to(h.device) - acts) @ sae.W_dec[here].float()
-        return h + delta.to(h.dtype)
-
-    return fn
 
 
 def _check_positions(positions) -> str | int:
@@ -90,7 +75,7 @@ def steer(
     prompt itself only blocks after that one can be steered (the decision does not exist before it).
 
     ``mode="clamp_feature"`` (a vector from ``steerkit.features.feature_vector``, and its ``sae``): each of the
-    vector's latents is held at activation α (see ``clamped``).
+    vector's latents is held at activation α (see ``steerkit.clamp.clamped``).
     """
     if isinstance(vector, list | tuple):
         vectors = [as_vector(v) for v in vector]

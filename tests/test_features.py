@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import steerkit as sk
-from steerkit.steer import clamped
+from steerkit.clamp import clamped
 from tests.conftest import make_tiny
 
 

@@ -570,8 +570,9 @@ def test_hooks_are_removed_on_exit_and_on_errors(tiny_and_ids):
 
 
 def test_hook_users_share_the_hook_module():
-    """steer, splice and the recorder read block outputs through hooks.py alone (no borrowing from each other)."""
-    for module in ("steer", "capture", "sae/splice"):
+    """steer, splice, the recorder and SAE training read block and MLP outputs through hooks.py alone (no
+    borrowing from each other)."""
+    for module in ("steer", "capture", "sae/splice", "sae/train"):
         source = (ROOT / "steerkit" / f"{module}.py").read_text()
         assert "register_forward_hook" not in source and "register_forward_pre_hook" not in source
         assert "from steerkit.hooks import" in source

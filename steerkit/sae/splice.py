@@ -19,9 +19,9 @@ from torch import nn
 from steerkit import arch
 from steerkit._checks import finite
 from steerkit.backends import fingerprint
-from steerkit.hooks import intervene
+from steerkit.clamp import clamped
+from steerkit.hooks import intervene, on_output
 from steerkit.sae.io import check_max_norm, check_sae, load_sae, on_device, recorded_max_norm, sae_layer
-from steerkit.steer import clamped
 
 
 def reconstruct(sae, x: torch.Tensor) -> torch.Tensor:
@@ -79,11 +79,8 @@ def replace_mlp(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch
             keep |= torch.cat([args[0], out], dim=-1).norm(dim=-1) > max_norm
         return torch.where(keep.unsqueeze(-1), out, new)
 
-    handle = arch.mlp_module(model, layer).register_forward_hook(hook)
-    try:
+    with on_output(arch.mlp_module(model, layer), hook):
         yield model
-    finally:
-        handle.remove()
 
 
 def splice(
@@ -109,7 +106,7 @@ def splice(
     (``replace_mlp``), the SAE's error included.
 
     ``clamp={latent: value}`` instead holds those latents at those activations and adds only the difference the
-    decoder makes (``steerkit.steer.clamped``: the reconstruction error stays, as in Neuronpedia and Goodfire).
+    decoder makes (``steerkit.clamp.clamped``: the reconstruction error stays, as in Neuronpedia and Goodfire).
     """
     sae = load_sae(sae)
     check_sae(sae, model)

@@ -12,6 +12,7 @@ L1 warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from steerkit.backends.tlens import hook_name
 from steerkit.capture import Recorder
 from steerkit.data.corpus import Corpus
 from steerkit.distributed import all_gather, all_reduce, barrier, broadcast, world
-from steerkit.hooks import block_device
+from steerkit.hooks import block_device, on_output
 from steerkit.sae.io import load_sae
 
 logger = logging.getLogger(__name__)
@@ -128,13 +129,11 @@ def mlp_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]
     """``{layer: [b * (s - 1), 2 d]}`` float32: at each position after the first, block ``layer``'s MLP input and
     then its output (what a transcoder reads and predicts)."""
     seen: dict[int, tuple] = {}
-    handles = [mlp_module(model, layer).register_forward_hook(lambda _m, args, out, layer=layer: seen.__setitem__(
-        layer, (args[0], out))) for layer in layers]  # fmt: skip
-    try:
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(on_output(mlp_module(model, layer), lambda _m, args, out, layer=layer: seen.__setitem__(
+                layer, (args[0], out))))  # fmt: skip
         block_activations(model, batch, layers)
-    finally:
-        for handle in handles:
-            handle.remove()
     out = {}
     for layer in layers:
         x, y = (t[:, 1:].reshape(-1, t.shape[-1]).float() for t in seen[layer])
