@@ -80,7 +80,9 @@ def test_an_sae_and_a_feature_vector_on_gemma(gemma, tmp_path):
     vec = sk.feature_vector(tmp_path / "sae", latent)
     assert vec.layers == [6] and torch.allclose(vec[6], sae.W_dec[latent].detach().float())
     prompts = ["The weather today is"]
-    with sk.steer(model, vec, alpha=10.0):
+    stream = sk.capture(model, tok, prompts, layers=[6], position="last", progress=False)[0, 0].norm()
+    alpha = float(stream / vec[6].norm())  # a push the size of the residual stream at block 6 (Gemma's is large)
+    with sk.steer(model, vec, alpha=alpha):
         steered = sk.generate(model, tok, prompts, max_new_tokens=8, chat=False)[0]["unsteered"]
     assert steered != sk.generate(model, tok, prompts, max_new_tokens=8, chat=False)[0]["unsteered"]
 
