@@ -42,7 +42,9 @@ test-gemma: setup gemma
 
 # Headless Chromium for the dashboard tests (Debian's package; tests/test_dashboard.py skips, saying so, without it).
 chromium:
-	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+		|| echo "chromium could not be installed: tests/test_dashboard.py will skip its browser tests, saying so"
 
 # A long property-based search (tests/test_fuzz.py with 3,000 examples a property; make test runs 60).
 fuzz: setup
@@ -52,7 +54,7 @@ fuzz: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma and not notebook"
 
-# Every notebook executed top to bottom with small settings (about 10 minutes: its own group, .ci/run calls it).
+# Every notebook executed top to bottom with small settings (about 2 minutes here; its own group, .ci/run calls it).
 test-notebooks: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_notebooks.py -m notebook
 
