@@ -27,6 +27,7 @@ from steerkit.capture import Recorder, capture
 from steerkit.data import as_pairs
 from steerkit.data.corpus import Corpus, load_corpus
 from steerkit.extract import split_pairs
+from steerkit.hooks import block_device
 from steerkit.sae.io import check_sae, load_sae, on_device, sae_layer
 from steerkit.vector import SteeringVector
 
@@ -136,6 +137,7 @@ def latent_stats(model, tok, sae, corpus: Corpus | None = None, latents: Sequenc
     sae = load_sae(sae)
     check_sae(sae, model)
     layer = sae_layer(sae, None)
+    sae = on_device(sae, block_device(model, layer))  # where the block's output is: moved once, not per batch
     corpus = corpus if corpus is not None else load_corpus("default")
     chosen = torch.tensor(list(range(sae.cfg.d_sae)) if latents is None else list(latents))
     tally = _Tally(len(chosen), top)
@@ -152,17 +154,17 @@ def latent_stats(model, tok, sae, corpus: Corpus | None = None, latents: Sequenc
     if not sequences:
         raise ValueError(f"corpus {corpus.name!r} gave no held-out text")
     stats = tally.result([int(i) for i in chosen])
-    stats.contexts = _contexts(model, tok, sae, layer, sequences, tally, stats.latents, window)
+    stats.contexts = _contexts(model, tok, sae, layer, sequences, tally, stats.latents, window, batch_size)
     stats.logit_lens = _logit_lens(model, tok, sae, stats.latents)
     return stats
 
 
 def _encode(model, sae, layer: int, batch: torch.Tensor) -> torch.Tensor:
-    """Latent activations ``[b, s - 1, d_sae]`` (float32, CPU) of packed ``batch`` after its first position."""
+    """Latent activations ``[b, s - 1, d_sae]`` (float32, CPU) of packed ``batch`` after its first position (``sae``
+    already on the block's device)."""
     with torch.no_grad(), Recorder(model, [layer], stop=True) as rec:
         model(input_ids=batch.to(arch.input_device(model)), use_cache=False)
     h = rec[layer][:, 1:]
-    sae = on_device(sae, h.device)
     with torch.no_grad():
         return sae.encode(h.to(sae.dtype)).float().cpu()
 
@@ -197,10 +199,14 @@ class _Tally:
                            self.histogram)  # fmt: skip
 
 
-def _contexts(model, tok, sae, layer, sequences, tally: _Tally, latents: list[int], window: int) -> dict:
+def _contexts(model, tok, sae, layer, sequences, tally: _Tally, latents: list[int], window: int,
+              batch_size: int) -> dict:  # fmt: skip
     """Each latent's best contexts: the tokens around its peak and its activation on each of them."""
     wanted = sorted({int(w) // 10**6 for w in tally.where[tally.best > 0].flatten()})
-    acts = {seq: _encode(model, sae, layer, sequences[seq][None])[0] for seq in wanted}  # [s - 1, d_sae]
+    acts = {}  # sequence -> [s - 1, d_sae], re-run in batches (packed sequences share one length)
+    for start in range(0, len(wanted), batch_size):
+        chunk = wanted[start : start + batch_size]
+        acts.update(zip(chunk, _encode(model, sae, layer, torch.stack([sequences[i] for i in chunk])), strict=True))
     out: dict[int, list[dict]] = {}
     for column, latent in enumerate(latents):
         out[latent] = []

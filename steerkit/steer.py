@@ -97,9 +97,7 @@ def steer(
 
 
 def _feature_clamp(model, vector: SteeringVector, alpha: float, chosen: list[int], sae):
-    """The clamp of a feature vector's latents at α, with the SAE moved (a copy) to the block's device."""
-    import copy
-
+    """The clamp of a feature vector's latents at α (``clamped``), after checking the vector and the SAE."""
     latents = (vector.metadata or {}).get("latents")
     if not hasattr(sae, "encode") or not hasattr(sae, "W_dec") or not latents or len(chosen) != 1:
         raise ValueError("mode='clamp_feature' needs a one-layer vector from steerkit.features.feature_vector (it "
@@ -107,15 +105,7 @@ def _feature_clamp(model, vector: SteeringVector, alpha: float, chosen: list[int
     width = fingerprint(model)["hidden_size"]
     if sae.cfg.d_in != width:
         raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual stream has width {width}")
-    placed: dict = {}
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        if h.device not in placed:
-            here = sae if sae.device == h.device else copy.deepcopy(sae).to(h.device)
-            placed[h.device] = clamped(here, {int(i): alpha for i in latents})
-        return placed[h.device](h)
-
-    return fn
+    return clamped(sae, {int(i): alpha for i in latents})
 
 
 def _hooks(vector: SteeringVector, alpha: float, chosen: list[int], positions, mode: str, preserve_norm: bool,

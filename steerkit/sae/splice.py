@@ -112,26 +112,27 @@ def splice(
     check_sae(sae, model)
     layer = sae_layer(sae, layer)
     max_norm = recorded_max_norm(sae) if max_norm is None else max_norm
+    placed: dict = {}  # device -> the SAE there (moved once per context)
+
+    def there(device: torch.device):
+        if device not in placed:
+            placed[device] = on_device(sae, device)
+        return placed[device]
+
     if is_transcoder(sae):
         if clamp is not None or error_term:
             raise ValueError("clamp and error_term act on the residual stream: they do not apply to a transcoder")
-        return replace_mlp(model, layer, lambda x: reconstruct(on_device(sae, x.device), x), skip_first, max_norm)
-    placed: dict = {}  # device -> the SAE there (moved once per context)
-
+        return replace_mlp(model, layer, lambda x: reconstruct(there(x.device), x), skip_first, max_norm)
     if clamp is not None:
         bad = [latent for latent in clamp if not 0 <= int(latent) < sae.cfg.d_sae]
         if bad or not clamp:
             raise ValueError(f"clamp={clamp!r}: expected {{latent: activation}} with latents in 0..{sae.cfg.d_sae - 1}")
         values = {int(latent): finite(value, f"clamp[{latent}]") for latent, value in clamp.items()}
+        return replace_output(model, layer, clamped(sae, values), skip_first, max_norm)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        here = placed.get(h.device)
-        if here is None:
-            here = placed[h.device] = on_device(sae, h.device)
-        if clamp is not None:
-            return clamped(here, values)(h)
         with torch.set_grad_enabled(grad_through_sae and torch.is_grad_enabled()):
-            new = reconstruct(here, h)
+            new = reconstruct(there(h.device), h)
         return new + (h - new).detach() if error_term else new
 
     return replace_output(model, layer, fn, skip_first, max_norm)

@@ -187,17 +187,19 @@ class _Run:
             else:
                 coefficients[name] = c
         self.sae.train()
-        if hasattr(self.sae, "topk_threshold"):
-            self.last_in = (x[:, : x.shape[1] // 2] if self.transcode else x) * self.scale
-        if self.transcode:
+        if self.transcode:  # rows are [MLP input, MLP output]
             d = x.shape[1] // 2
-            x, out = x[:, d:] * self.scale_out, _transcode(self.sae, x[:, :d] * self.scale, x[:, d:] * self.scale_out,
-                                                          self.since_fired > dead_window)  # fmt: skip
+            x_in, x = x[:, :d] * self.scale, x[:, d:] * self.scale_out  # x: the target, from here on
         else:
-            x = x * self.scale
+            x_in = x = x * self.scale
+        if hasattr(self.sae, "topk_threshold"):
+            self.last_in = x_in
+        if self.transcode:
+            out = _transcode(self.sae, x_in, x, self.since_fired > dead_window)
+        else:
             out = self.sae.training_forward_pass(
                 TrainStepInput(
-                    sae_in=x,
+                    sae_in=x_in,
                     coefficients=coefficients,
                     dead_neuron_mask=self.since_fired > dead_window,
                     n_training_steps=step,
@@ -233,15 +235,14 @@ class _Run:
 
 def _transcode(sae, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor):
     """A transcoder's training pass: encode the MLP input ``x``, predict the MLP output ``y``; the loss is the
-    squared error plus AuxK (dead latents predicting the error that remains), as sparsify's ``transcode=True``."""
+    squared error plus AuxK (dead latents predicting the error that remains), as sparsify's ``transcode=True``.
+    Its global threshold is set once, at the end (``_set_threshold``)."""
     from types import SimpleNamespace
 
     feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
     recon = sae.decode(feature_acts)
     mse = (recon - y).pow(2).sum(-1).mean()
     aux = sae.calculate_topk_aux_loss(sae_in=y, sae_out=recon, hidden_pre=hidden_pre, dead_neuron_mask=dead)
-    if hasattr(sae, "update_topk_threshold"):  # BatchTopK: the global threshold its inference form uses
-        sae.update_topk_threshold(feature_acts)
     return SimpleNamespace(loss=mse + aux, feature_acts=feature_acts, sae_out=recon, losses={"mse_loss": mse})
 
 
