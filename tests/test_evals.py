@@ -175,3 +175,14 @@ def test_t_interval_and_holm_against_hand_computations():
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="at least two values"):
         t_interval([1.0])
+
+
+def test_empirical_p_ranks_an_effect_among_null_controls():
+    from steerkit.evals.stats import empirical_p
+
+    null = [0.01 * i for i in range(20)]  # 0.00 … 0.19
+    assert empirical_p(0.5, null) == pytest.approx((1.0, 1 / 21))  # above every control: the smallest p
+    assert empirical_p(0.095, null) == pytest.approx((0.5, 11 / 21))  # in the middle of the null
+    assert empirical_p(-1.0, null) == pytest.approx((0.0, 1.0))
+    with pytest.raises(ValueError, match="null distribution is empty"):
+        empirical_p(0.1, [])

@@ -122,6 +122,25 @@ def test_merge_equals_direct_computation(tmp_path, tok, dtype):
         assert (out / f).is_file() == (base / f).is_file()
 
 
+def test_random_like_keeps_per_tensor_norms_not_directions(trio, tok):
+    _, a, b = trio
+    tv = sk.TaskVector.between(a, b)
+    null, again, other = tv.random_like(3), tv.random_like(3), tv.random_like(4)
+    assert set(null.deltas) == set(tv.deltas)
+    for name, delta in tv.deltas.items():
+        r = null.deltas[name]
+        assert r.shape == delta.shape and float(r.norm()) == pytest.approx(float(delta.norm()), rel=1e-5)
+        if r.numel() > 100:  # a Gaussian direction is nearly orthogonal to the learned one
+            assert abs(float(torch.nn.functional.cosine_similarity(r.flatten(), delta.flatten(), 0))) < 0.2
+        assert torch.equal(r, again.deltas[name]) and not torch.equal(r, other.deltas[name])  # seeded
+    model = make_tiny("llama", len(tok))
+    before = copy.deepcopy(model.state_dict())
+    null.add_to(model, 1.0)  # a null that applies like the vector it stands in for
+    name = "model.layers.0.self_attn.q_proj.weight"
+    moved = float((model.state_dict()[name] - before[name]).norm())
+    assert moved == pytest.approx(float(tv.deltas[name].norm()), rel=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_to_equals_merge_in_memory(trio, tmp_path, tok, dtype):
     _, a, b = trio

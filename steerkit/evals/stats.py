@@ -118,3 +118,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * float(p_values[i])))
         adjusted[i] = running
     return adjusted
+
+
+def empirical_p(observed: float, null: Sequence[float]) -> tuple[float, float]:
+    """Where an effect sits among effects of null controls (e.g. random directions): (the share of the null
+    below it, the one-sided p-value (1 + #null ≥ observed) / (1 + n), which is never 0 for a finite null)."""
+    null = [float(v) for v in null]
+    if not null:
+        raise ValueError("the null distribution is empty: expected at least one control effect")
+    below = sum(v < observed for v in null) / len(null)
+    return below, (1 + sum(v >= observed for v in null)) / (1 + len(null))

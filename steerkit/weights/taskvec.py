@@ -152,6 +152,16 @@ class TaskVector:
         }
         return {"tensors": per_tensor, "layers": layers}
 
+    def random_like(self, seed: int = 0) -> TaskVector:
+        """A null control: a Gaussian direction per tensor with this vector's per-tensor norms (every tensor
+        moved as far as this vector moves it, in no learned direction)."""
+        g = torch.Generator().manual_seed(seed)
+        deltas = {}
+        for name, s in self._tensor_stats().items():
+            noise = torch.randn(delta_shape(self.deltas, name), generator=g)
+            deltas[name] = noise * (s["norm"] / noise.norm())
+        return TaskVector(deltas, {"random_like": self.metadata.get("a"), "seed": seed}, self.config)
+
     @torch.no_grad()
     def add_to(self, model: torch.nn.Module, alpha: float = 1.0) -> torch.nn.Module:
         """θ ← θ + α·δ on a loaded model, in place (float32 arithmetic, the parameter's dtype kept): the
