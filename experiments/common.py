@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,8 +21,18 @@ CACHE = Path("experiments/.cache")
 ARTIFACTS = Path("artifacts/reasoning_transfer")
 
 
-def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float, seed: int, batch_size: int = 16):
-    """Full fine-tuning on (prompt, completion) pairs, loss on the completion tokens only (bf16 autocast)."""
+def finetune(
+    model,
+    tok,
+    examples: list[tuple[str, str]],
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 16,
+    shuffle: bool = True,
+):
+    """Full fine-tuning on (prompt, completion) pairs, loss on the completion tokens only (bf16 autocast).
+    ``shuffle=False`` keeps the examples' order (to replay another run's batches)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model.train()
@@ -31,7 +42,8 @@ def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float
     losses = []
     for _ in range(epochs):
         order = list(range(len(examples)))
-        rng.shuffle(order)
+        if shuffle:
+            rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             rows, labels = [], []
             for i in order[start : start + batch_size]:
@@ -55,6 +67,30 @@ def finetune(model, tok, examples: list[tuple[str, str]], epochs: int, lr: float
     bar.close()
     model.eval()
     return losses
+
+
+def interior_choice(
+    score: Callable[[float], float], grid: Sequence[float], geometric: bool = False, max_extra: int = 4
+) -> tuple[float, dict[float, float], bool]:
+    """The grid value with the best score, the grid extended one step past an edge (2·edge − neighbour, or
+    edge² / neighbour when ``geometric``, 2·edge next to 0) while the best sits on that edge, at most
+    ``max_extra`` times. Returns (choice, every score, whether the choice is interior), so that a choice at
+    the edge of what was tried is reported as such. Ties go to the smallest value."""
+    if len(grid) < 2:
+        raise ValueError(f"grid={list(grid)}: expected at least two values")
+    scores = {float(x): score(float(x)) for x in sorted(grid)}
+    while True:
+        values = sorted(scores)
+        best = max(values, key=scores.get)
+        at_edge = best in (values[0], values[-1])
+        if not at_edge or len(scores) >= len(grid) + max_extra:
+            return best, scores, not at_edge
+        edge, neighbour = (values[0], values[1]) if best == values[0] else (values[-1], values[-2])
+        if geometric:
+            beyond = edge * edge / neighbour if neighbour else 2 * edge  # past 0 a geometric grid doubles
+        else:
+            beyond = 2 * edge - neighbour
+        scores[beyond] = score(beyond)
 
 
 def mean_sd(values, spec: str = "+.3f") -> str:

@@ -101,6 +101,20 @@ def update(
     return {"loss": loss_total, "kl": kl_total, "grad_norm": grad_norm}
 
 
+def question_batches(n_prompts: int, config: GRPOConfig) -> list[list[int]]:
+    """The prompt indices of each step, in order: seeded shuffles of all prompts, epoch after epoch (what a
+    run saw, so that a control can be trained on exactly the same questions)."""
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    batches = []
+    for _ in range(config.steps):
+        if len(order) < config.questions:
+            order += rng.sample(range(n_prompts), n_prompts)
+        batches.append(order[: config.questions])
+        order = order[config.questions :]
+    return batches
+
+
 def train(
     policy: nn.Module,
     ref: nn.Module,
@@ -112,17 +126,12 @@ def train(
     """Run ``config.steps`` GRPO steps on ``prompts`` (in a seeded order, epoch after epoch); ``reward(i,
     text, finished)`` scores an answer to prompt ``i``. Sampling and forwards under bf16 autocast on the CPU.
     Returns one row of statistics per step."""
-    rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
     eos = torch.tensor([tok.eos_token_id])
-    order: list[int] = []
     history = []
-    bar = tqdm(range(config.steps), desc="GRPO")
-    for _ in bar:
-        if len(order) < config.questions:
-            order += rng.sample(range(len(prompts)), len(prompts))
-        batch, order = order[: config.questions], order[config.questions :]
+    bar = tqdm(question_batches(len(prompts), config), desc="GRPO", total=config.steps)
+    for batch in bar:
         ids, mask, _ = pad_batch(tok([prompts[i] for i in batch], add_special_tokens=False)["input_ids"],
                                  pad_id(tok), "left")  # fmt: skip
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import ARTIFACTS, CACHE, finetune, mean_sd, write_report  # noqa: E402
-from grpo import GRPOConfig, train  # noqa: E402
+from grpo import GRPOConfig, question_batches, train  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
@@ -42,8 +42,12 @@ from steerkit.steer import completions  # noqa: E402
 SEEDS = (0, 1, 2)
 GRPO = GRPOConfig(steps=45, questions=8, group=8, lr=1e-5, beta=0.04, temperature=0.8)
 SFT_EPOCHS, SFT_LRS = 1, (3e-6, 6e-6)  # lr candidates: update norm within 2x of GRPO seed 0, then best val
+ANSWER_LRS = (1e-5, 3e-5, 1e-4)  # sft-answer (stage 2b): the same rule against the GRPO run of its seed
 RUNS = CACHE / "organisms"
-USAGE = "organisms.py grpo SEED | organisms.py sft-lr | organisms.py sft SEED | organisms.py report"
+USAGE = (
+    "organisms.py grpo SEED | organisms.py sft-lr | organisms.py sft SEED | organisms.py sft-answer-lr SEED "
+    "| organisms.py report"
+)
 
 
 def task() -> tuple[dict, dict[str, list], list]:
@@ -59,11 +63,16 @@ def update_norm(model, start) -> float:
                                                                            strict=True)) ** 0.5)  # fmt: skip
 
 
-def sft_lr() -> float:
-    path = RUNS / "sft_lr.json"
+def sft_lr(kind: str = "sft", seed: int = 0) -> float:
+    path = RUNS / ("sft_lr.json" if kind == "sft" else f"{kind}_lr-{seed}.json")
     if not path.is_file():
-        raise SystemExit("no SFT learning rate chosen yet: run `organisms.py grpo 0`, then `organisms.py sft-lr`")
+        raise SystemExit(f"no {kind} learning rate chosen yet: run `organisms.py grpo {seed}`, then the lr choice")
     return json.loads(path.read_text())["chosen"]
+
+
+def grpo_seen(n_items: int, seed: int) -> list[int]:
+    """The training questions the GRPO run of ``seed`` saw, in its order (one entry per step and question)."""
+    return [i for batch in question_batches(n_items, replace(GRPO, seed=seed)) for i in batch]
 
 
 def run(kind: str, seed: int, lr: float | None = None) -> Path:
@@ -89,8 +98,14 @@ def run(kind: str, seed: int, lr: float | None = None) -> Path:
         pairs = [(p, it.meta["solution"] + tok.eos_token) for p, it in zip(prompts, train_items, strict=True)]
         lr = sft_lr() if lr is None else lr
         log = {"epochs": SFT_EPOCHS, "lr": lr, "losses": finetune(model, tok, pairs, SFT_EPOCHS, lr, seed)}
+    elif kind == "sft-answer":  # the paper's SFT: final answers only, on GRPO's questions in GRPO's batches
+        seen = grpo_seen(len(train_items), seed)
+        pairs = [(prompts[i], f"The answer is {train_items[i].answer}." + tok.eos_token) for i in seen]
+        lr = sft_lr(kind, seed) if lr is None else lr
+        losses = finetune(model, tok, pairs, 1, lr, seed, batch_size=GRPO.questions, shuffle=False)
+        log = {"epochs": 1, "lr": lr, "examples": len(pairs), "losses": losses}
     else:
-        raise SystemExit(f"unknown organism {kind!r}: expected grpo or sft")
+        raise SystemExit(f"unknown organism {kind!r}: expected grpo, sft or sft-answer")
     log.update(seconds=time.perf_counter() - start, update_norm=update_norm(model, m0))
     save_checkpoint(model, tok, out / "model", force=True)
     write_text(json.dumps(log, indent=1), out / "train.json", force=True)
@@ -98,15 +113,15 @@ def run(kind: str, seed: int, lr: float | None = None) -> Path:
     return out
 
 
-def select_sft_lr() -> None:
-    """Train SFT seed 0 at each candidate lr; keep those whose update norm is within 2x of GRPO seed 0's and
-    choose the best on validation; the chosen run becomes ``sft-0``."""
-    grpo_norm = json.loads((RUNS / "grpo-0" / "train.json").read_text())["update_norm"]
+def select_sft_lr(kind: str = "sft", seed: int = 0) -> None:
+    """Train ``kind`` at each candidate lr; keep those whose update norm is within 2x of the GRPO run's of
+    ``seed`` and choose the best on validation; the chosen run becomes ``{kind}-{seed}``."""
+    grpo_norm = json.loads((RUNS / f"grpo-{seed}" / "train.json").read_text())["update_norm"]
     spec, splits, _ = task()
     tok = sk.load_model("smollm2-135m-instruct")[1]
     rows = []
-    for lr in SFT_LRS:
-        out = run("sft", 0, lr)
+    for lr in SFT_LRS if kind == "sft" else ANSWER_LRS:
+        out = run(kind, seed, lr)
         val = evaluate(out.name, sk.load_model(out / "model")[0], tok, splits["val"], "val", spec["example"],
                        spec["budget"])  # fmt: skip
         norm = json.loads((out / "train.json").read_text())["update_norm"]
@@ -115,11 +130,12 @@ def select_sft_lr() -> None:
     if not eligible:
         raise SystemExit(f"no SFT lr gives an update norm within 2x of GRPO's {grpo_norm:.3f}: {rows}")
     chosen = max(eligible, key=lambda r: r["val"])["lr"]
-    (RUNS / f"sft-lr{chosen:g}-0").rename(RUNS / "sft-0")
-    (CACHE / "eval" / f"sft-lr{chosen:g}-0-val.json").rename(CACHE / "eval" / "sft-0-val.json")
-    write_text(json.dumps({"grpo_norm": grpo_norm, "candidates": rows, "chosen": chosen}, indent=1),
-               RUNS / "sft_lr.json", force=True)  # fmt: skip
-    print(f"SFT lr {chosen:g}: {rows}")
+    (RUNS / f"{kind}-lr{chosen:g}-{seed}").rename(RUNS / f"{kind}-{seed}")
+    (CACHE / "eval" / f"{kind}-lr{chosen:g}-{seed}-val.json").rename(CACHE / "eval" / f"{kind}-{seed}-val.json")
+    record = RUNS / ("sft_lr.json" if kind == "sft" else f"{kind}_lr-{seed}.json")
+    write_text(json.dumps({"grpo_norm": grpo_norm, "candidates": rows, "chosen": chosen}, indent=1), record,
+               force=True)  # fmt: skip
+    print(f"{kind} lr {chosen:g}: {rows}")
 
 
 def evaluate(name: str, model, tok, items, split: str, example: str, budget: int) -> dict:
@@ -211,6 +227,8 @@ if __name__ == "__main__":
         report()
     elif args == ["sft-lr"]:
         select_sft_lr()
+    elif len(args) == 2 and args[0] == "sft-answer-lr" and args[1].isdigit():
+        select_sft_lr("sft-answer", int(args[1]))
     elif len(args) == 2 and args[1].isdigit():
         run(args[0], int(args[1]))
     else:

@@ -1,0 +1,268 @@
+"""Stage 2b: the reasoning vector with the paper's ordering (Zbeeb et al. 2025), round three.
+
+Stage 2 subtracted a better SFT organism from a worse GRPO one. Here the SFT organism is trained as the paper's
+is, on final answers only ("The answer is N."), on exactly the questions and batches the GRPO run of its seed
+saw (``organisms.py sft-answer-lr SEED``), so that GRPO > SFT as in the paper's checkpoints. v = θ_GRPO −
+θ_SFT-answer; the target M1 is stage 2's (M0 fine-tuned on prose).
+
+Validation: M1 + α·v for α in ``ALPHAS`` (extended past an edge that wins, ``interior_choice``), and at each
+α, ``NULLS`` random directions with v's per-tensor norms (``TaskVector.random_like``). The α with the best
+validation accuracy is frozen before test. Test: M1 + α·v at the frozen α, at the paper's α = 1 and at −1,
+each beside the random directions at the same α; the organisms and M0. Evaluations in bf16 (weights added
+in float32, then cast): ``EVAL_DTYPE``.
+
+    .venv/bin/python experiments/reasoning_vector.py m1          # M1, as stage 2 (a few minutes)
+    .venv/bin/python experiments/reasoning_vector_2b.py val 0    # the α sweep and its nulls (about 10 minutes)
+    .venv/bin/python experiments/reasoning_vector_2b.py test 0   # about 25 minutes
+    .venv/bin/python experiments/reasoning_vector_2b.py report
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import ARTIFACTS, CACHE, interior_choice, write_report  # noqa: E402
+from organisms import RUNS, ci, evaluate, signed, task, update_norm  # noqa: E402
+
+import steerkit as sk  # noqa: E402
+from steerkit import plots  # noqa: E402
+from steerkit._io import write_text  # noqa: E402
+from steerkit.evals.logits import kl, next_token_logprobs  # noqa: E402
+from steerkit.evals.stats import bootstrap, empirical_p, holm, mcnemar, paired_bootstrap  # noqa: E402
+from steerkit.evals.worked import render  # noqa: E402
+
+ALPHAS, NULLS, EVAL_DTYPE = (-1.0, -0.5, 0.5, 1.0), 5, torch.bfloat16
+HERE = CACHE / "reasoning_vector_2b"
+M0 = "smollm2-135m-instruct"
+USAGE = "reasoning_vector_2b.py val SEED | test SEED | report"
+
+
+def vector(seed: int, null: int | None = None) -> sk.TaskVector:
+    """v = θ_GRPO − θ_SFT-answer of ``seed``, or its ``null``-th random direction with v's per-tensor norms."""
+    v = sk.TaskVector.between(RUNS / f"grpo-{seed}" / "model", RUNS / f"sft-answer-{seed}" / "model")
+    return v if null is None else v.random_like(100 * seed + null)
+
+
+def score(name: str, source, split: str, vec: sk.TaskVector | None = None, alpha: float = 0.0) -> dict:
+    """Accuracy of ``source`` (+ α·vec) on ``split``, evaluated in ``EVAL_DTYPE``, cached as ``2b-{name}``."""
+    path = CACHE / "eval" / f"2b-{name}-{split}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    spec, splits, _ = task()
+    model, tok = sk.load_model(source)
+    if vec is not None:
+        vec.add_to(model, alpha)
+    return evaluate(f"2b-{name}", model.to(EVAL_DTYPE), tok, splits[split], split, spec["example"], spec["budget"])
+
+
+def m1() -> Path:
+    return CACHE / "m1" / "model"
+
+
+def sweep(seed: int) -> dict:
+    """The α sweep on validation (frozen in ``HERE/alpha-SEED.json`` at first run) and the nulls at each α."""
+    path = HERE / f"alpha-{seed}.json"
+    if path.is_file():
+        frozen = json.loads(path.read_text())
+        return {**frozen, "val": {float(a): x for a, x in frozen["val"].items()},
+                "nulls": {float(a): x for a, x in frozen["nulls"].items()}}  # fmt: skip
+    v = vector(seed)
+    base = score("m1", m1(), "val")["accuracy"]
+
+    def accuracy(alpha: float) -> float:
+        return base if alpha == 0 else score(f"v{seed}{alpha:+g}", m1(), "val", v, alpha)["accuracy"]
+
+    choice, scores, interior = interior_choice(accuracy, [*ALPHAS, 0.0])
+    nulls = {a: [score(f"null{seed}.{n}{a:+g}", m1(), "val", vector(seed, n), a)["accuracy"] for n in range(NULLS)]
+             for a in scores if a != 0}  # fmt: skip
+    write_text(json.dumps({"alpha": choice, "interior": interior, "val": scores, "nulls": nulls}, indent=1), path)
+    return sweep(seed)
+
+
+def precision(seed: int) -> dict:
+    """The measuring stick: validation accuracy in float32 and in ``EVAL_DTYPE`` for M0, the GRPO organism and
+    M1 + v (the one whose small weight update could be lost to rounding), with the share of items graded alike."""
+    path = HERE / f"precision-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    spec, splits, _ = task()
+    out = {}
+    for name, source, vec in (("m0", M0, None), (f"grpo-{seed}", RUNS / f"grpo-{seed}" / "model", None),
+                              (f"v{seed}+1", m1(), vector(seed))):  # fmt: skip
+        low = score(name, source, "val", vec, 1.0)
+        model, tok = sk.load_model(source)
+        if vec is not None:
+            vec.add_to(model, 1.0)
+        full = evaluate(f"2b32-{name}", model, tok, splits["val"], "val", spec["example"], spec["budget"])
+        same = sum(a == b for a, b in zip(low["correct"], full["correct"], strict=True)) / len(full["correct"])
+        out[name] = {"float32": full["accuracy"], "bf16": low["accuracy"], "graded_alike": same}
+    write_text(json.dumps(out, indent=1), path, force=True)
+    return out
+
+
+def test(seed: int) -> None:
+    alpha = sweep(seed)["alpha"]
+    for name, source in (("m0", M0), ("m1", m1()), (f"grpo-{seed}", RUNS / f"grpo-{seed}" / "model"),
+                         (f"sft-answer-{seed}", RUNS / f"sft-answer-{seed}" / "model")):  # fmt: skip
+        score(name, source, "test")
+    v = vector(seed)
+    for a in sorted({alpha, 1.0, -1.0} - {0.0}):
+        score(f"v{seed}{a:+g}", m1(), "test", v, a)
+        for n in range(NULLS):
+            score(f"null{seed}.{n}{a:+g}", m1(), "test", vector(seed, n), a)
+
+
+def distances(seed: int) -> dict:
+    """Norms of v, of the organisms' updates and of M1's distance to M0; M1's first-token KL from M0 (cached)."""
+    path = HERE / f"distances-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    total = lambda tv: sum(s["norm"] ** 2 for s in tv.stats()["tensors"].values()) ** 0.5  # noqa: E731
+    m0_path = sk.embedded_checkpoint()
+    spec, splits, _ = task()
+    model0, tok = sk.load_model(M0)
+    model1 = sk.load_model(m1())[0]
+    prompts = [render(tok, it, spec["example"]) for it in splits["val"]]
+    p0, p1 = next_token_logprobs(model0, tok, prompts, 32), next_token_logprobs(model1, tok, prompts, 32)
+    result = {
+        "v": total(vector(seed)),
+        "delta_grpo": total(sk.TaskVector.between(RUNS / f"grpo-{seed}" / "model", m0_path)),
+        "delta_sft_answer": total(sk.TaskVector.between(RUNS / f"sft-answer-{seed}" / "model", m0_path)),
+        "m1_m0": update_norm(model1, model0),
+        "m1_first_token_kl": float(kl(p0, p1).mean()),
+    }
+    write_text(json.dumps(result, indent=1), path, force=True)
+    return result
+
+
+def load(name: str, split: str) -> dict:
+    return json.loads((CACHE / "eval" / f"2b-{name}-{split}.json").read_text())
+
+
+def report(seed: int = 0) -> None:
+    choice, dist, prec = sweep(seed), distances(seed), precision(seed)
+    alpha = choice["alpha"]
+    lr = json.loads((RUNS / f"sft-answer_lr-{seed}.json").read_text())
+    grpo_log = json.loads((RUNS / f"grpo-{seed}" / "train.json").read_text())
+    sft_log = json.loads((RUNS / f"sft-answer-{seed}" / "train.json").read_text())
+    m0, m1_, grpo, sft = (load(n, "test") for n in ("m0", "m1", f"grpo-{seed}", f"sft-answer-{seed}"))
+    # the family Holm corrects: the ordering check, then each α's v against M1 and against its nulls
+    comparisons = [("GRPO organism − SFT-answer organism", grpo, sft)]
+    tested = sorted({alpha, 1.0, -1.0} - {0.0}, key=lambda a: (a != alpha, -a))
+    null_rows = {}
+    for a in tested:
+        steered = load(f"v{seed}{a:+g}", "test")
+        comparisons.append((f"M1 + {a:g}·v − M1", steered, m1_))
+        null_acc = [load(f"null{seed}.{n}{a:+g}", "test")["accuracy"] for n in range(NULLS)]
+        effect = steered["accuracy"] - m1_["accuracy"]
+        null_effects = [x - m1_["accuracy"] for x in null_acc]
+        below, p_null = empirical_p(effect if a > 0 else -effect, [e if a > 0 else -e for e in null_effects])
+        null_rows[a] = {"accuracy": steered["accuracy"], "effect": effect, "null_effects": null_effects,
+                        "share_of_nulls_below": below, "p": p_null}  # fmt: skip
+    p_values = [mcnemar(t["correct"], b["correct"]) for _, t, b in comparisons]
+    adjusted = holm(p_values + [null_rows[a]["p"] for a in tested])
+    rows = []
+    lines = [
+        "# Stage 2b: the reasoning vector with the paper's ordering",
+        "",
+        "Paper (Zbeeb et al. 2025): SFT and GRPO checkpoints of one base on the same data, GRPO far better "
+        "(their GSM8K logs: SFT 7.0, GRPO 19.7); v = θ_GRPO − θ_SFT added at α = 1 to an instruct model: GSM8K "
+        "+4.9 points; subtracting it: −11.8.",
+        f"Here (seed {seed}): GRPO as in stage 1 ({len(grpo_log['history'])} steps × 8 questions × 8 samples); "
+        f'the SFT organism on answer-only targets ("The answer is N."), one pass over the same '
+        f"{sft_log['examples']} question presentations in GRPO's batches of 8, lr {sft_log['lr']:g} chosen among "
+        + ", ".join(f"{c['lr']:g} (update norm {c['update_norm']:.2f}, val {c['val']:.3f})" for c in lr["candidates"])
+        + " by stage 1's rule (update norm within 2x of GRPO's, then validation). Target M1 = M0 fine-tuned on "
+        "prose (stage 2). Evaluated in bf16 (weights added in float32, then cast), greedy, budget 48.",
+        "Measuring stick, validation accuracy float32 / bf16 (share of items graded alike): "
+        + "; ".join(f"{n} {r['float32']:.3f} / {r['bf16']:.3f} ({r['graded_alike']:.0%})" for n, r in prec.items())
+        + ".",
+        f"Norms: ‖v‖ = {dist['v']:.2f}, ‖Δ_GRPO‖ = {dist['delta_grpo']:.2f}, ‖Δ_SFT-answer‖ = "
+        f"{dist['delta_sft_answer']:.2f}, ‖θ_M1 − θ_M0‖ = {dist['m1_m0']:.2f}; M1's first-token KL from M0 on "
+        f"the validation prompts {dist['m1_first_token_kl']:.4f} nats.",
+        "",
+        "Validation (200 items), M1 + α·v and the mean of "
+        f"{NULLS} random directions with v's per-tensor norms: "
+        + ", ".join(
+            f"α {a:+g}: {s:.3f}" + (f" (nulls {sum(choice['nulls'][a]) / NULLS:.3f})" if a else " (M1)")
+            for a, s in sorted(choice["val"].items())
+        )  # fmt: skip
+        + f". α = {alpha:+g} frozen ({'interior' if choice['interior'] else 'at the edge of the grid tried'}).",
+        "",
+        f"Test (1000 items). Differences paired on items (95% bootstrap); McNemar p and Holm-adjusted p over the "
+        f"{len(adjusted)} comparisons of this table (the ordering check, v against M1 at each α, v against its "
+        "nulls at each α).",
+        "",
+        "| model | accuracy [95%] | truncated |",
+        "|---|---|---|",
+        *(
+            f"| {n} | {ci(r['correct'])} | {r['truncated']:.3f} |"
+            for n, r in (("M0", m0), ("M1", m1_), (f"GRPO-{seed}", grpo), (f"SFT-answer-{seed}", sft))
+        ),  # fmt: skip
+        "",
+        "| comparison | difference [95%] | McNemar p | Holm p |",
+        "|---|---|---|---|",
+    ]
+    for (label, t, b), p, q in zip(comparisons, p_values, adjusted, strict=False):
+        diff = paired_bootstrap(t["correct"], b["correct"])
+        rows.append({"comparison": label, "diff": diff, "p": p, "holm": q})
+        lines.append(f"| {label} | {signed(diff)} | {p:.2g} | {q:.2g} |")
+    lines += [
+        "",
+        "Against the random directions (same α, v's per-tensor norms; effect = accuracy − M1's; for α < 0 the "
+        "null is ranked in the harmful direction):",
+        "",
+        "| α | v's effect | nulls' effects | share of nulls v beats | empirical p | Holm p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, a in enumerate(tested):
+        r, q = null_rows[a], adjusted[len(comparisons) + k]
+        nulls = ", ".join(f"{e:+.3f}" for e in r["null_effects"])
+        lines.append(
+            f"| {a:+g} | {r['effect']:+.3f} | {nulls} | {r['share_of_nulls_below']:.2f} | {r['p']:.2g} | {q:.2g} |"
+        )
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    val = choice["val"]
+    xs = sorted(val)
+    ax.plot(xs, [val[a] for a in xs], "o-", color="C0", label="M1 + α·v")
+    for n in range(NULLS):
+        pts = sorted([(0.0, val[0.0]), *((a, accs[n]) for a, accs in choice["nulls"].items())])
+        ax.plot(*zip(*pts, strict=True), ".-", color="gray", alpha=0.5, label="random, v's norms" if n == 0 else None)
+    low, high = bootstrap([float(c) for c in load("m1", "val")["correct"]])[1:]
+    ax.axhspan(low, high, color="gray", alpha=0.15, label="M1, 95% interval")
+    ax.set(xlabel="α", ylabel="validation accuracy", title="M1 + α·(θ_GRPO − θ_SFT-answer)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots.save_figure(fig, ARTIFACTS / "reasoning_vector_2b.png", force=True)
+    lines += ["", "![validation sweep](reasoning_vector_2b.png)", "",
+              f"Reproduce: `.venv/bin/python experiments/organisms.py grpo {seed}`, `organisms.py sft-answer-lr "
+              f"{seed}`, `reasoning_vector.py m1`, then `reasoning_vector_2b.py val {seed}`, `test {seed}`, `report`.",
+              ""]  # fmt: skip
+    data = {"seed": seed, "alpha": choice, "distances": dist, "precision": prec, "sft_answer_lr": lr,
+            "comparisons": rows,
+            "nulls": {str(a): r for a, r in null_rows.items()},
+            "accuracy": {"m0": m0["accuracy"], "m1": m1_["accuracy"], "grpo": grpo["accuracy"],
+                         "sft_answer": sft["accuracy"]}}  # fmt: skip
+    write_report("reasoning_vector_2b", data, lines)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args == ["report"]:
+        report()
+    elif len(args) == 2 and args[0] == "val" and args[1].isdigit():
+        sweep(int(args[1]))
+        precision(int(args[1]))
+    elif len(args) == 2 and args[0] == "test" and args[1].isdigit():
+        test(int(args[1]))
+    else:
+        raise SystemExit(f"usage: {USAGE}")

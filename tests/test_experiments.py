@@ -1,0 +1,55 @@
+"""Helpers of the reasoning-transfer experiments (experiments/common.py) that choose values for the reports."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from common import interior_choice  # noqa: E402
+
+
+def test_interior_choice_extends_the_grid_past_a_winning_edge():
+    tried = []
+
+    def score(x):
+        tried.append(x)
+        return -((x - 2.2) ** 2)  # best at 2.2: beyond the grid's top edge 1
+
+    choice, scores, interior = interior_choice(score, [-1, -0.5, 0.5, 1])
+    assert (choice, interior) == (2.0, True) and tried[-2:] == [2.0, 2.5]  # 1.5, 2.0 and 2.5 were added
+    assert set(scores) == {-1, -0.5, 0.5, 1, 1.5, 2.0, 2.5}
+
+
+def test_interior_choice_geometric_steps_and_giving_up_at_the_limit():
+    choice, scores, interior = interior_choice(lambda lr: lr, [1e-6, 3e-6, 1e-5], geometric=True, max_extra=2)
+    assert sorted(scores) == pytest.approx([1e-6, 3e-6, 1e-5, 1e-5 * 10 / 3, 1e-5 * (10 / 3) ** 2])
+    assert choice == max(scores) and not interior  # still rising at the limit: reported, not hidden
+    choice, scores, interior = interior_choice(lambda a: -abs(a), [-2, -1, 1, 2])
+    assert choice == -1 and interior and len(scores) == 4  # a tie goes to the smaller value; nothing added
+    with pytest.raises(ValueError, match="at least two values"):
+        interior_choice(abs, [1])
+
+
+def test_operations_reads_the_gold_and_the_first_written_operation():
+    from control_vectors import operations
+
+    from steerkit.evals.worked import TaskConfig, worked_splits
+
+    items = worked_splits(1, TaskConfig(), {"val": 40})["val"]
+    add = next(it for it in items if "+" in it.meta["expression"])
+    sub = next(it for it in items if "-" in it.meta["expression"])
+    texts = ["3 - 1 = 2. 4 + 4 = 8. The answer is 8.", "No idea. The answer is 5.", sub.meta["solution"]]
+    assert operations(texts, [add, add, sub]) == [("+", "-"), ("+", None), ("-", "-")]
+
+
+def test_verbose_solutions_state_the_gold_answer_with_a_check():
+    from efficiency import verbose
+
+    from steerkit.evals.worked import TaskConfig, score_worked, worked_splits
+
+    for item in worked_splits(1, TaskConfig(), {"val": 30})["val"]:
+        text = verbose(item)
+        assert item.meta["expression"].rstrip(".") in text and "Check:" in text
+        assert score_worked(text, True, item).correct  # the first stated answer is the gold one
+        assert len(text) > 2 * len(item.meta["solution"])  # something for the direction to shorten
