@@ -1,30 +1,23 @@
-"""Stages 4 and 5: control vectors from M0's own worked solutions.
+"""Stage 4: control vectors from M0's own correct and wrong solutions (Højer et al. 2025), round three.
 
 ``samples``: M0 answers the first ``N_QUESTIONS`` training questions ``SAMPLES`` times at T = 0.8 (the gate's
-sampling), graded by the first-answer scorer. Both stages read their pairs from these samples, hold them out by
-question (every fifth question with pairs), and read the residual stream at the last token of prompt + solution
-at ``LAYERS``, fixed in advance; the steering layer is the one with the best held-out AUROC (training questions
-only), α is chosen on validation and frozen before test.
+sampling, in bf16), graded by the first-answer scorer. Pairs: a correct and a wrong (answered) solution of the
+same question, up to two per question, held out by question (every fifth question with pairs). The direction
+at each of ``LAYERS`` (fixed in advance) is the mean difference at the last token of prompt + solution; its
+held-out AUROC has a bootstrap interval and a pair-swap permutation null. On validation, greedy accuracy,
+first-token KL and entropy for each layer over α (the grid doubled past a winning edge); the layer and α with
+the best validation accuracy are frozen before test. On test: M0 + α·v beside M0 and ``N_RANDOM`` random
+directions of equal norm (the steered effect's rank among theirs), split by gold operation and by whether the
+first calculation uses it; Holm over the stage's tests. Stage 5 (``efficiency.py``) reuses ``run``.
 
-``reasoning`` (Højer et al. 2025): correct vs wrong (answered) solutions of the same question, up to two pairs
-per question; mean difference; held-out AUROC with a bootstrap interval and a pair-swap permutation null;
-first-token KL and entropy and greedy accuracy over α on validation; at the frozen α on test, beside M0 and a
-random direction of equal norm.
-
-``efficiency`` (Zhao et al. 2025): shortest vs longest equally correct solution of the same question (length ratio
->= 1.5); α chosen on validation as the largest length cut whose accuracy stays within ``MARGIN`` of M0's; on
-``N_EFFICIENCY`` test items against a "be concise" instruction, a random direction of equal norm and the bundled
-``concise`` vector (rescaled to the same norm); accuracy judged non-inferior when the paired interval's lower
-end is above −``MARGIN``.
-
-    .venv/bin/python experiments/control_vectors.py samples      # about 30 minutes
-    .venv/bin/python experiments/control_vectors.py reasoning    # about 20 minutes; writes its report
-    .venv/bin/python experiments/control_vectors.py efficiency   # about 20 minutes; writes its report
+    .venv/bin/python experiments/control_vectors.py samples      # about 6 minutes
+    .venv/bin/python experiments/control_vectors.py reasoning    # about 45 minutes; writes its report
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import sys
@@ -37,7 +30,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, interior_choice, write_report  # noqa: E402
 from organisms import ci, signed, task  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -45,7 +38,7 @@ from steerkit import plots  # noqa: E402
 from steerkit._io import atomic_path, write_text  # noqa: E402
 from steerkit.capture import capture  # noqa: E402
 from steerkit.evals.logits import entropy, kl, next_token_logprobs  # noqa: E402
-from steerkit.evals.stats import auroc_null, bootstrap, mcnemar, paired_bootstrap  # noqa: E402
+from steerkit.evals.stats import auroc_null, bootstrap, empirical_p, holm, mcnemar, paired_bootstrap  # noqa: E402
 from steerkit.evals.worked import SYSTEM, grade_worked, render, score_worked  # noqa: E402
 from steerkit.extract import auroc  # noqa: E402
 from steerkit.steer import completions  # noqa: E402
@@ -53,11 +46,10 @@ from steerkit.steer import completions  # noqa: E402
 N_QUESTIONS, SAMPLES, TEMPERATURE = 480, 8, 0.8
 LAYERS = (10, 15, 20)  # a third, half and two thirds of the 30 blocks, fixed before any pair was seen
 REASONING_ALPHAS = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
-EFFICIENCY_ALPHAS = (0.5, 1.0, 2.0, 4.0)
-MIN_RATIO, MARGIN, N_EFFICIENCY, MIN_PAIRS = 1.5, 0.03, 500, 10
-CONCISE_SYSTEM = SYSTEM + " Be concise."
+MARGIN = 0.03  # stage 5's non-inferiority margin (accuracy)
+N_RANDOM, EVAL_DTYPE = 20, torch.bfloat16  # random directions in stage 4's null; generation runs in bf16
 HERE = CACHE / "own"
-USAGE = "control_vectors.py samples | reasoning | efficiency"
+USAGE = "control_vectors.py samples | reasoning"
 
 
 def samples() -> list[dict]:
@@ -66,7 +58,7 @@ def samples() -> list[dict]:
     if path.is_file():
         return json.loads(path.read_text())
     spec, splits, _ = task()
-    model, tok = sk.load_model("smollm2-135m-instruct")
+    model, tok = sk.load_model("smollm2-135m-instruct", dtype=EVAL_DTYPE)
     items = splits["train"][:N_QUESTIONS]
     torch.manual_seed(0)
     kwargs = {"do_sample": True, "temperature": TEMPERATURE, "top_p": 1.0, "num_return_sequences": SAMPLES}
@@ -93,11 +85,8 @@ def held_out(pairs_by_question: list[list[tuple[str, str]]], prompts: list[str])
     return out
 
 
-def own_pairs(kind: str, tok, counts: dict | None = None) -> list[sk.Pair]:
-    """``reasoning``: (correct, wrong answered) up to two per question. ``efficiency``: (shortest, longest)
-    among the correct solutions of a question, and the same among its wrong answered ones, where the longer has
-    at least ``MIN_RATIO`` times the tokens (the members of a pair are equally correct); ``counts`` gets how
-    many pairs each kind of group gave."""
+def own_pairs(tok) -> list[sk.Pair]:
+    """(correct, wrong answered) solutions of one question, up to two pairs per question."""
     spec, splits, _ = task()
     prompts = [render(tok, it, spec["example"]) for it in splits["train"][:N_QUESTIONS]]
     by_question = []
@@ -105,35 +94,31 @@ def own_pairs(kind: str, tok, counts: dict | None = None) -> list[sk.Pair]:
         graded = list(zip(r["texts"], r["correct"], r["answers"], strict=True))
         right = list(dict.fromkeys(t for t, c, _ in graded if c))
         wrong = list(dict.fromkeys(t for t, c, a in graded if not c and a is not None))
-        if kind == "reasoning":
-            by_question.append(list(zip(right * 2, wrong, strict=False))[:2] if right and wrong else [])
-            continue
-        pairs = []
-        for label, group in (("correct", right), ("wrong", wrong)):
-            length = {t: len(tok(t, add_special_tokens=False)["input_ids"]) for t in group}
-            ranked = sorted(group, key=length.get)
-            if len(ranked) >= 2 and length[ranked[-1]] >= MIN_RATIO * length[ranked[0]]:
-                pairs.append((ranked[0], ranked[-1]))
-                if counts is not None:
-                    counts[label] = counts.get(label, 0) + 1
-        by_question.append(pairs)
+        by_question.append(list(zip(right * 2, wrong, strict=False))[:2] if right and wrong else [])
     return held_out(by_question, prompts)
+
+
+def operations(texts: list[str], items) -> list[tuple[str, str | None]]:
+    """Per one-step item: the gold operation ("+" or "-", from its gold calculation) and the operation of the
+    first calculation the answer writes (None when it writes none)."""
+    out = []
+    for item, text in zip(items, texts, strict=True):
+        m = re.search(r"\d+\s*([+-])\s*\d+\s*=\s*-?\d+", text)
+        out.append((re.search(r"[+-]", item.meta["expression"])[0], m[1] if m else None))
+    return out
 
 
 def error_kinds(texts: list[str], items) -> dict[str, int]:
     """How the answers went wrong: the first calculation written uses the wrong operation, the right operation
     miscomputed, or no calculation at all (one-step items only)."""
     counts = {"correct": 0, "wrong operation": 0, "wrong arithmetic": 0, "no calculation": 0}
-    for item, text in zip(items, texts, strict=True):
-        a, b = (int(x) for x in re.findall(r"\d+", item.question)[:2])
-        op = "+" if int(item.answer) == a + b else "-"
-        m = re.search(r"\d+\s*([+-])\s*\d+\s*=\s*-?\d+", text)
+    for item, text, (gold, chosen) in zip(items, texts, operations(texts, items), strict=True):
         if score_worked(text, True, item).correct:
             counts["correct"] += 1
-        elif m is None:
+        elif chosen is None:
             counts["no calculation"] += 1
         else:
-            counts["wrong operation" if m[1] != op else "wrong arithmetic"] += 1
+            counts["wrong operation" if chosen != gold else "wrong arithmetic"] += 1
     return counts
 
 
@@ -167,11 +152,20 @@ def random_like(vector: sk.SteeringVector, layer: int, seed: int = 0) -> sk.Stee
 
 
 def run(
-    name: str, model, tok, items, vector=None, alpha: float = 0.0, system: str = SYSTEM, keep_first: bool = False
+    name: str,
+    model,
+    tok,
+    items,
+    vector=None,
+    alpha: float = 0.0,
+    system: str = SYSTEM,
+    keep_first: bool = False,
+    budget: int | None = None,
 ) -> dict:
-    """Greedy generations of the budget on ``items`` (steered by α·vector when given), graded, with token
-    lengths; cached under ``HERE/{name}.json``. ``keep_first``: also the first-token entropy, and the
-    first-token log-probabilities in ``{name}.first.pt`` for the KL to another run."""
+    """Greedy generations of ``budget`` tokens (the task's by default) on ``items`` (steered by α·vector when
+    given), graded, with token lengths; cached under ``HERE/{name}.json``. ``keep_first``: also the
+    first-token entropy, and the first-token log-probabilities in ``{name}.first.pt`` for the KL to another
+    run."""
     path = HERE / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -179,7 +173,7 @@ def run(
     prompts = [render(tok, it, spec["example"], system) for it in items]
     steering = sk.steer(model, vector, alpha) if vector is not None else contextlib.nullcontext()
     with steering:
-        outs = completions(model, tok, prompts, spec["budget"], 64, return_finished=True)
+        outs = completions(model, tok, prompts, budget or spec["budget"], 64, return_finished=True)
         first = next_token_logprobs(model, tok, prompts, 32) if keep_first else None
     texts = [t for t, _ in outs]
     result = grade_worked(texts, [f for _, f in outs], items)
@@ -191,6 +185,11 @@ def run(
             torch.save(first, tmp)
     write_text(json.dumps(result), path, force=True)
     return result
+
+
+def cached(name: str) -> dict:
+    """A run already made (``run``'s cache)."""
+    return json.loads((HERE / f"{name}.json").read_text())
 
 
 def first_kl(name: str, reference: str) -> float:
@@ -215,187 +214,206 @@ def auroc_lines(stats: dict) -> list[str]:
     return lines
 
 
+def m0_models() -> tuple:
+    """M0 in float32 (for reading activations) and in ``EVAL_DTYPE`` (for generating), and its tokenizer."""
+    model, tok = sk.load_model("smollm2-135m-instruct")
+    return model, copy.deepcopy(model).to(EVAL_DTYPE), tok
+
+
+def operation_split(runs: dict[str, dict], items) -> dict[str, dict]:
+    """Per run: accuracy on the add and the subtract items, and how often the first calculation uses the gold
+    operation, with the accuracy of the answers that do (arithmetic given the right operation)."""
+    out = {}
+    for label, r in runs.items():
+        ops = operations(r["texts"], items)
+        row = {}
+        for op, name in (("+", "add"), ("-", "subtract")):
+            idx = [k for k, (gold, _) in enumerate(ops) if gold == op]
+            row[name] = {"n": len(idx), "correct": [r["correct"][k] for k in idx]}
+        right = [chosen == gold for gold, chosen in ops]
+        row["right_operation"] = right
+        row["correct_given_right"] = [c for c, ok in zip(r["correct"], right, strict=True) if ok]
+        out[label] = row
+    return out
+
+
 def reasoning() -> None:
     spec, splits, _ = task()
-    model, tok = sk.load_model("smollm2-135m-instruct")
-    pairs = own_pairs("reasoning", tok)
+    model, model16, tok = m0_models()
+    pairs = own_pairs(tok)
     vector, stats = directions(model, tok, pairs)
-    layer = max(LAYERS, key=lambda k: stats[k]["auroc"])
-    v = sk.SteeringVector({layer: vector[layer]})
-    val = {0.0: run("m0-val", model, tok, splits["val"], keep_first=True)}
-    for a in REASONING_ALPHAS:
-        val[a] = run(f"reasoning-val{a:+g}", model, tok, splits["val"], v, a, keep_first=True)
-    kls = {a: (0.0 if a == 0 else first_kl(f"reasoning-val{a:+g}", "m0-val")) for a in val}
-    kinds = {a: error_kinds(val[a]["texts"], splits["val"]) for a in val}
-    choice = frozen("reasoning_alpha", lambda: {"layer": layer, "alpha": max(REASONING_ALPHAS,
-                                                key=lambda a: val[a]["accuracy"])})  # fmt: skip
-    alpha = choice["alpha"]
-    m0_test = json.loads((CACHE / "eval" / "m0-test.json").read_text())
-    steered = run(f"reasoning-test{alpha:+g}", model, tok, splits["test"], v, alpha)
-    control = run(f"reasoning-random-test{alpha:+g}", model, tok, splits["test"], random_like(v, layer), alpha)
-    n_train, n_test = vector.metadata["n_train"], vector.metadata["n_test"]
-    rows = {}
-    for label, r in (("M0 + α·v", steered), ("M0 + α·random (equal norm)", control)):
-        rows[label] = {"accuracy": r["accuracy"], "diff": paired_bootstrap(r["correct"], m0_test["correct"]),
-                       "p": mcnemar(r["correct"], m0_test["correct"]), "truncated": r["truncated"]}  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    alphas = sorted(val)
-    axes[0].plot(alphas, [val[a]["accuracy"] for a in alphas], "o-")
-    low, high = bootstrap([float(c) for c in val[0.0]["correct"]])[1:]
+    val0 = run("m0-val", model16, tok, splits["val"], keep_first=True)
+    sweeps, kls, entropies = {}, {}, {}
+    for layer in LAYERS:
+        v = sk.SteeringVector({layer: vector[layer]})
+
+        def accuracy(a: float, layer: int = layer, v: sk.SteeringVector = v) -> float:
+            if a == 0:
+                return val0["accuracy"]
+            return run(f"reasoning-L{layer}-val{a:+g}", model16, tok, splits["val"], v, a, keep_first=True)["accuracy"]
+
+        best, scores, interior = interior_choice(accuracy, [*REASONING_ALPHAS, 0.0], geometric=True)
+        sweeps[layer] = {"alpha": best, "interior": interior, "val": scores}
+        kls[layer] = {a: 0.0 if a == 0 else first_kl(f"reasoning-L{layer}-val{a:+g}", "m0-val") for a in scores}
+        runs = {a: val0 if a == 0 else cached(f"reasoning-L{layer}-val{a:+g}") for a in scores}
+        entropies[layer] = {a: sum(r["entropy"]) / len(r["entropy"]) for a, r in runs.items()}
+
+    def choose() -> dict:
+        layer = max(LAYERS, key=lambda k: sweeps[k]["val"][sweeps[k]["alpha"]])
+        return {"layer": layer, "alpha": sweeps[layer]["alpha"], "interior": sweeps[layer]["interior"]}
+
+    choice = frozen("reasoning_alpha", choose)
+    layer, alpha = choice["layer"], choice["alpha"]
+    v = sk.SteeringVector({layer: vector[layer]}, {"alpha": alpha, "stage": "4: correct − wrong, M0"})
+    v.save(ARTIFACTS / "vectors" / "reasoning_control.safetensors", force=True)
+    chosen_val = cached(f"reasoning-L{layer}-val{alpha:+g}") if alpha else val0
+    items = splits["test"]
+    m0_test = run("m0-test", model16, tok, items)
+    steered = run(f"reasoning-test{alpha:+g}", model16, tok, items, v, alpha)
+    nulls = [run(f"reasoning-random{n}-test{alpha:+g}", model16, tok, items, random_like(v, layer, n), alpha)
+             for n in range(N_RANDOM)]  # fmt: skip
+    effect = steered["accuracy"] - m0_test["accuracy"]
+    null_effects = [r["accuracy"] - m0_test["accuracy"] for r in nulls]
+    share_below, p_null = empirical_p(effect, null_effects)
+    split = operation_split({"m0": m0_test, "steered": steered, **{f"null{n}": r for n, r in enumerate(nulls)}}, items)
+    # the family Holm corrects: overall against M0, against the nulls, each operation, the operation choice
+    family = {
+        "steered − M0 (all items)": mcnemar(steered["correct"], m0_test["correct"]),
+        "steered against the random directions": p_null,
+        **{
+            f"steered − M0 ({op} items)": mcnemar(split["steered"][op]["correct"], split["m0"][op]["correct"])
+            for op in ("add", "subtract")
+        },  # fmt: skip
+        "right operation chosen: steered − M0": mcnemar(
+            split["steered"]["right_operation"], split["m0"]["right_operation"]
+        ),  # fmt: skip
+    }
+    adjusted = dict(zip(family, holm(list(family.values())), strict=True))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for k in LAYERS:
+        xs = sorted(sweeps[k]["val"])
+        axes[0].plot(xs, [sweeps[k]["val"][a] for a in xs], "o-", label=f"layer {k} (AUROC {stats[k]['auroc']:.2f})")
+        axes[1].plot(xs, [kls[k][a] for a in xs], "o-", label=f"layer {k}")
+        axes[2].plot(xs, [entropies[k][a] for a in xs], "o-", label=f"layer {k}")
+    low, high = bootstrap([float(c) for c in val0["correct"]])[1:]
     axes[0].axhspan(low, high, color="gray", alpha=0.2, label="M0, 95% interval")
-    axes[0].set(xlabel="α", ylabel="validation accuracy", title=f"greedy accuracy, layer {layer}")
-    axes[0].legend(fontsize=7)
-    axes[1].plot(alphas, [kls[a] for a in alphas], "o-")
-    axes[1].set(xlabel="α", ylabel="KL(P_0 ‖ P_α)", title="first token")
-    axes[2].plot(alphas, [sum(val[a]["entropy"]) / len(val[a]["entropy"]) for a in alphas], "o-")
+    axes[0].set(xlabel="α", ylabel="validation accuracy", title="greedy accuracy by layer")
+    axes[1].set(xlabel="α", ylabel="KL(P_0 ‖ P_α)", title="first token", yscale="symlog")
     axes[2].set(xlabel="α", ylabel="entropy (nats)", title="first token")
+    axes[3].hist(null_effects, bins=10, color="gray", label=f"{N_RANDOM} random directions")
+    axes[3].axvline(effect, color="C3", label=f"v (layer {layer}, α {alpha:+g})")
+    axes[3].set(xlabel="test accuracy − M0", ylabel="directions", title="steered effect among the null")
+    for ax in axes:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     plots.save_figure(fig, ARTIFACTS / "reasoning_control.png", force=True)
+    n_train, n_test = vector.metadata["n_train"], vector.metadata["n_test"]
+    null_acc = [r["accuracy"] for r in nulls]
+
+    def op_row(label: str, key: str) -> str:
+        m, st = split["m0"][key], split["steered"][key]
+        diff = paired_bootstrap(st["correct"], m["correct"])
+        nulls_mean = mean([mean(split[f"null{n}"][key]["correct"]) for n in range(N_RANDOM)])
+        p = family[f"steered − M0 ({key} items)"]
+        return (f"| {label} | {m['n']} | {mean(m['correct']):.3f} | {mean(st['correct']):.3f} | {signed(diff)} "
+                f"| {nulls_mean:.3f} | {p:.2g} | {adjusted[f'steered − M0 ({key} items)']:.2g} |")  # fmt: skip
+
+    tried = sorted(set().union(*(sweeps[k]["val"] for k in LAYERS)))
+    right = {k: mean(split[k]["right_operation"]) for k in ("m0", "steered")}
+    given = {k: mean(split[k]["correct_given_right"]) for k in ("m0", "steered")}
+    null_right = mean([mean(split[f"null{n}"]["right_operation"]) for n in range(N_RANDOM)])
+    null_given = mean([mean(split[f"null{n}"]["correct_given_right"]) for n in range(N_RANDOM)])
+    right_diff = paired_bootstrap(split["steered"]["right_operation"], split["m0"]["right_operation"])
     lines = [
         "# Stage 4: control vectors for reasoning",
         "",
         "Paper (Højer et al., ICLR 2025): a direction from the model's own correct vs incorrect solutions (last "
         "token, mean difference), added at one block, shifts first-token accuracy, KL and entropy; gains on "
         "GSM8K with Mistral-7B were small (about one to two points).",
-        f"Here: M0's own samples ({N_QUESTIONS} training questions x {SAMPLES} at T {TEMPERATURE}); {len(pairs)} "
+        f"Here: M0's own samples ({N_QUESTIONS} training questions x {SAMPLES} at T {TEMPERATURE}, bf16); {len(pairs)} "
         f"pairs of a correct and a wrong answered solution of one question ({n_train} training / {n_test} held "
         "out, held out by question). Layers fixed in advance; AUROC of the held-out pairs' projections "
         "(positive vs negative), 95% bootstrap over held-out pairs; permutation null: the two members of each "
-        "held-out pair swapped at random (1000 draws).",
+        "held-out pair swapped at random (1000 draws). Generation in bf16, greedy, budget "
+        f"{spec['budget']}.",
         "",
         *auroc_lines(stats),
         "",
-        f"Steering layer {layer} (best held-out AUROC). Validation (200 items), greedy, budget {spec['budget']}:",
+        f"Validation ({len(splits['val'])} items): accuracy at each layer and α (the α grid extended by doubling "
+        "past a winning edge); the layer and α with the best validation accuracy are frozen before test.",
         "",
-        "| α | accuracy [95%] | truncated | first-token KL to M0 | first-token entropy | errors: wrong operation / "
-        "wrong arithmetic / no calculation |",
+        "| layer | " + " | ".join(f"α {a:+g}" for a in tried) + " | best α |",
+        "|---|" + "---|" * (len(tried) + 1),
+        *(
+            f"| {k} | "
+            + " | ".join(f"{sweeps[k]['val'].get(a, float('nan')):.3f}" for a in tried)
+            + f" | {sweeps[k]['alpha']:+g}{'' if sweeps[k]['interior'] else ' (edge)'} |"
+            for k in LAYERS
+        ),  # fmt: skip
+        "",
+        f"Frozen: layer {layer}, α {alpha:+g} ({'interior' if choice['interior'] else 'at the edge of the grid'}); "
+        f"validation errors at that setting (wrong operation / wrong arithmetic / no calculation): M0 "
+        + "{wrong operation} / {wrong arithmetic} / {no calculation}".format(
+            **error_kinds(val0["texts"], splits["val"])
+        )
+        + ", steered "
+        + "{wrong operation} / {wrong arithmetic} / {no calculation}".format(
+            **error_kinds(chosen_val["texts"], splits["val"])
+        )
+        + ".",
+        "",
+        f"Test ({len(items)} items). Differences paired on items (95% bootstrap); McNemar p; the steered effect "
+        f"ranked among {N_RANDOM} random directions of equal norm at the same layer and α (empirical p = (1 + "
+        f"#null ≥ effect) / {N_RANDOM + 1}); Holm over the {len(family)} tests of this stage.",
+        "",
+        "| model | accuracy [95%] | − M0 (paired) | McNemar p | Holm p | truncated |",
         "|---|---|---|---|---|---|",
-        *(
-            f"| {a:+g} | {ci(val[a]['correct'])} | {val[a]['truncated']:.3f} | {kls[a]:.4f} "
-            f"| {sum(val[a]['entropy']) / len(val[a]['entropy']):.3f} | {kinds[a]['wrong operation']} / "
-            f"{kinds[a]['wrong arithmetic']} / {kinds[a]['no calculation']} |"
-            for a in alphas
-        ),  # fmt: skip
+        f"| M0 | {ci(m0_test['correct'])} | - | - | - | {m0_test['truncated']:.3f} |",
+        f"| M0 + {alpha:g}·v (layer {layer}) | {ci(steered['correct'])} | "
+        f"{signed(paired_bootstrap(steered['correct'], m0_test['correct']))} "
+        f"| {family['steered − M0 (all items)']:.2g} | {adjusted['steered − M0 (all items)']:.2g} "
+        f"| {steered['truncated']:.3f} |",
+        f"| {N_RANDOM} random directions, equal norm: mean [min, max] | {mean(null_acc):.3f} [{min(null_acc):.3f}, "
+        f"{max(null_acc):.3f}] | {mean(null_effects):+.3f} | - | - | {mean([r['truncated'] for r in nulls]):.3f} |",
         "",
-        f"α = {alpha:+g} frozen (best validation accuracy). Test (1000 items): M0 {ci(m0_test['correct'])}.",
+        f"The steered effect {effect:+.3f} beats {share_below:.0%} of the random directions' effects (empirical p "
+        f"{p_null:.2g}, Holm {adjusted['steered against the random directions']:.2g}).",
         "",
-        "| model | test accuracy | − M0 (paired) | McNemar p | truncated |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {k} | {r['accuracy']:.3f} | {signed(r['diff'])} | {r['p']:.2g} | {r['truncated']:.3f} |"
-            for k, r in rows.items()
-        ),  # fmt: skip
+        "By gold operation (is it a push towards one operation?):",
         "",
-        "![AUROC and α sweep](reasoning_control.png)",
+        "| items | n | M0 | steered | steered − M0 | random directions (mean) | McNemar p | Holm p |",
+        "|---|---|---|---|---|---|---|---|",
+        op_row("add", "add"),
+        op_row("subtract", "subtract"),
+        "",
+        "By operation chosen (the first calculation written):",
+        "",
+        "| | M0 | steered | random directions (mean) |",
+        "|---|---|---|---|",
+        f"| first calculation uses the gold operation | {right['m0']:.3f} | {right['steered']:.3f} "
+        f"({signed(right_diff)}, Holm p {adjusted['right operation chosen: steered − M0']:.2g}) | {null_right:.3f} |",
+        f"| accuracy when it does (arithmetic) | {given['m0']:.3f} | {given['steered']:.3f} | {null_given:.3f} |",
+        "",
+        "![accuracy by layer and α, first-token KL and entropy, and the null](reasoning_control.png)",
         "",
         "Reproduce: `.venv/bin/python experiments/control_vectors.py samples`, then `... reasoning`.",
         "",
     ]
-    val_rows = {a: {"accuracy": val[a]["accuracy"], "truncated": val[a]["truncated"], "kl": kls[a], "errors": kinds[a]}
-                for a in alphas}  # fmt: skip
     data = {"pairs": len(pairs), "n_train": n_train, "n_test": n_test, "auroc": stats, "layer": layer,
-            "alpha": alpha, "val": val_rows, "test": rows, "m0_test": m0_test["accuracy"]}  # fmt: skip
+            "alpha": alpha, "sweeps": sweeps, "kl": kls, "entropy": entropies, "m0_test": m0_test["accuracy"],
+            "steered_test": steered["accuracy"], "null_test": null_acc, "effect": effect,
+            "share_of_nulls_below": share_below, "p_null": p_null, "family": family, "holm": adjusted,
+            "operations": {k: {"add": mean(split[k]["add"]["correct"]),
+                               "subtract": mean(split[k]["subtract"]["correct"]),
+                               "right_operation": mean(split[k]["right_operation"]),
+                               "correct_given_right": mean(split[k]["correct_given_right"])}
+                           for k in split}}  # fmt: skip
     write_report("reasoning_control", data, lines)
 
 
-def efficiency() -> None:
-    spec, splits, _ = task()
-    model, tok = sk.load_model("smollm2-135m-instruct")
-    counts: dict = {}
-    pairs = own_pairs("efficiency", tok, counts)
-    if len([p for p in pairs if p.split == "train"]) < MIN_PAIRS:
-        raise SystemExit(f"only {len(pairs)} efficiency pairs: too few for a direction")
-    vector, stats = directions(model, tok, pairs)
-    layer = max(LAYERS, key=lambda k: stats[k]["auroc"])
-    v = sk.SteeringVector({layer: vector[layer]})
-    base_val = run("m0-val", model, tok, splits["val"], keep_first=True)
-    val = {a: run(f"efficiency-val{a:+g}", model, tok, splits["val"], v, a) for a in EFFICIENCY_ALPHAS}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-
-    def choose() -> dict:
-        ok = [a for a in EFFICIENCY_ALPHAS if val[a]["accuracy"] >= base_val["accuracy"] - MARGIN]
-        return {"layer": layer, "alpha": min(ok, key=lambda a: mean(val[a]["lengths"])) if ok else None}
-
-    choice = frozen("efficiency_alpha", choose)
-    if choice["alpha"] is None:
-        raise SystemExit("no α keeps validation accuracy within the margin: nothing to test")
-    alpha = choice["alpha"]
-    items = splits["test"][:N_EFFICIENCY]
-    bundled = sk.extract(model, tok, sk.load_pairs("concise", split="train"), layers=[layer], progress=False)
-    bundled = sk.SteeringVector({layer: bundled[layer] / bundled[layer].norm() * v[layer].norm()})
-    runs = {
-        "M0": run("m0-test500", model, tok, items),
-        f"M0 + {alpha:g}·v (own pairs)": run(f"efficiency-test{alpha:+g}", model, tok, items, v, alpha),
-        '"Be concise." in the instruction': run("concise-prompt-test500", model, tok, items, system=CONCISE_SYSTEM),
-        f"M0 + {alpha:g}·random (equal norm)": run(
-            f"efficiency-random-test{alpha:+g}", model, tok, items, random_like(v, layer), alpha
-        ),  # fmt: skip
-        f"M0 + {alpha:g}·bundled concise (equal norm)": run(
-            f"efficiency-bundled-test{alpha:+g}", model, tok, items, bundled, alpha
-        ),  # fmt: skip
-    }
-    base = runs["M0"]
-    rows = {}
-    for label, r in runs.items():
-        rel = [x / max(y, 1) - 1 for x, y in zip(r["lengths"], base["lengths"], strict=True)]
-        acc = paired_bootstrap(r["correct"], base["correct"])
-        rows[label] = {"length": bootstrap(r["lengths"]), "relative_length": bootstrap(rel), "accuracy": r["accuracy"],
-                       "accuracy_diff": acc, "non_inferior": acc[1] > -MARGIN, "truncated": r["truncated"]}  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for label, r in rows.items():
-        (m, lo, hi), (d, dlo, dhi) = r["length"], r["accuracy_diff"]
-        ax.errorbar(m, d, xerr=[[m - lo], [hi - m]], yerr=[[d - dlo], [dhi - d]], fmt="o", capsize=3, label=label)
-    ax.axhline(-MARGIN, color="gray", ls="--", lw=0.8, label=f"non-inferiority margin −{MARGIN}")
-    ax.set(xlabel="mean answer length (tokens)", ylabel="accuracy − M0 (paired)", title="efficiency steering")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    plots.save_figure(fig, ARTIFACTS / "efficiency.png", force=True)
-    n_train, n_test = vector.metadata["n_train"], vector.metadata["n_test"]
-    lines = [
-        "# Stage 5: efficiency steering",
-        "",
-        "Paper (Zhao et al. 2025): the difference between concise and verbose correct solutions of the same "
-        "problem is one direction; added at inference it shortens reasoning while keeping accuracy.",
-        f"Here: from the same samples as stage 4, the shortest and the longest of a question's distinct correct "
-        f"solutions, and the same for its wrong answered ones, where the longer has >= {MIN_RATIO}x the tokens: "
-        f"{len(pairs)} pairs ({counts.get('correct', 0)} between correct solutions, {counts.get('wrong', 0)} "
-        f"between wrong ones; {n_train} training / {n_test} held out by question). The paper's pairs are both "
-        "correct; on this task correct solutions nearly all take one form, so only "
-        f"{counts.get('correct', 0)} such pairs exist in {N_QUESTIONS} x {SAMPLES} samples, and equally wrong "
-        "pairs were added to reach a usable number (a pair's members are still equally correct).",
-        "",
-        *auroc_lines(stats),
-        "",
-        f"Steering layer {layer} (best held-out AUROC). Validation (200 items): M0 accuracy "
-        f"{base_val['accuracy']:.3f}, mean length {mean(base_val['lengths']):.1f} tokens; "
-        + ", ".join(f"α {a:+g}: {val[a]['accuracy']:.3f}, {mean(val[a]['lengths']):.1f}" for a in EFFICIENCY_ALPHAS)
-        + f". α = {alpha:+g} frozen (shortest with accuracy >= M0 − {MARGIN}).",
-        "",
-        f"Test ({len(items)} items), greedy, budget {spec['budget']}; intervals 95% bootstrap over items, "
-        f"accuracy paired with M0; non-inferior = the interval's lower end above −{MARGIN}:",
-        "",
-        "| condition | mean length | length / M0's − 1 | accuracy | − M0 (paired) | non-inferior | truncated |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| {k} | {r['length'][0]:.1f} [{r['length'][1]:.1f}, {r['length'][2]:.1f}] "
-            f"| {signed(r['relative_length'])} "
-            f"| {r['accuracy']:.3f} | {signed(r['accuracy_diff'])} | {'yes' if r['non_inferior'] else 'no'} "
-            f"| {r['truncated']:.3f} |"
-            for k, r in rows.items()
-        ),  # fmt: skip
-        "",
-        "![length against accuracy](efficiency.png)",
-        "",
-        "Reproduce: `.venv/bin/python experiments/control_vectors.py samples`, then `... efficiency`.",
-        "",
-    ]
-    data = {"pairs": len(pairs), "pair_counts": counts, "auroc": stats, "layer": layer, "alpha": alpha, "rows": rows,
-            "val": {a: {"accuracy": val[a]["accuracy"], "length": mean(val[a]["lengths"])} for a in val}}  # fmt: skip
-    write_report("efficiency", data, lines)
-
-
 if __name__ == "__main__":
-    commands = {"samples": samples, "reasoning": reasoning, "efficiency": efficiency}
+    commands = {"samples": samples, "reasoning": reasoning}
     args = sys.argv[1:]
     if len(args) != 1 or args[0] not in commands:
         raise SystemExit(f"usage: {USAGE}")

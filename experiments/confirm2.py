@@ -1,0 +1,149 @@
+"""The second confirmation set (round three): 1000 fresh one-step items, scored once, for claims fixed first.
+
+The claims are read from ``experiments/claims2.json``, committed before this set was generated or read: each
+names a treated and a baseline model (``MODELS``), a measure and the direction the test split found. A claim
+holds when the set's paired 95% interval lies on that side (accuracy: of 0; length: of 0, relative to the
+baseline; non-inferior: above −``MARGIN``). Every model is evaluated as on test (bf16, greedy) and cached under
+``experiments/.cache/confirm2``, so a second run only rewrites the report. The first confirmation set
+(``confirmation.md``) stays as it was.
+
+    .venv/bin/python experiments/confirm2.py   # about 2 minutes a model on 2 cores
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ARTIFACTS, CACHE, write_report  # noqa: E402
+from control_vectors import EVAL_DTYPE, MARGIN  # noqa: E402
+from efficiency import BUDGET, CONCISE_SYSTEM, ORGANISM  # noqa: E402
+from organisms import RUNS, ci, signed, task  # noqa: E402
+from reasoning_vector_2b import vector  # noqa: E402
+
+import steerkit as sk  # noqa: E402
+from steerkit._io import write_text  # noqa: E402
+from steerkit.evals.stats import bootstrap, paired_bootstrap  # noqa: E402
+from steerkit.evals.worked import SPLITS, SYSTEM, TaskConfig, grade_worked, render, worked_splits  # noqa: E402
+from steerkit.steer import completions  # noqa: E402
+
+CLAIMS = Path(__file__).resolve().parent / "claims2.json"
+HERE = CACHE / "confirm2"
+VECTORS = ARTIFACTS / "vectors"
+M0 = "smollm2-135m-instruct"
+
+
+def items() -> list:
+    """1000 one-step items from their own seed ("confirm2"), disjoint from every other split of the task."""
+    spec = json.loads((ARTIFACTS / "task.json").read_text())
+    return worked_splits(1, TaskConfig(**spec["config"]), {**SPLITS, "confirm2": 1000})["confirm2"]
+
+
+def _m1_plus(alpha: float):
+    model, tok = sk.load_model(CACHE / "m1" / "model")
+    vector(0).add_to(model, alpha)
+    return model, tok
+
+
+def _steered(vector_file: str):
+    """The stage's saved vector and the α frozen with it."""
+    v = sk.SteeringVector.load(VECTORS / vector_file)
+    return v, float(v.metadata["alpha"])
+
+
+# name -> (build the model, the steering to apply or None, system prompt, token budget)
+MODELS: dict[str, tuple[Callable[[], tuple], Callable[[], tuple] | None, str, int | None]] = {
+    "m0": (lambda: sk.load_model(M0), None, SYSTEM, None),
+    "m1": (lambda: sk.load_model(CACHE / "m1" / "model"), None, SYSTEM, None),
+    "grpo-0": (lambda: sk.load_model(RUNS / "grpo-0" / "model"), None, SYSTEM, None),
+    "sft-answer-0": (lambda: sk.load_model(RUNS / "sft-answer-0" / "model"), None, SYSTEM, None),
+    "m1+v": (lambda: _m1_plus(1.0), None, SYSTEM, None),
+    "m1-v": (lambda: _m1_plus(-1.0), None, SYSTEM, None),
+    "m0+reasoning": (lambda: sk.load_model(M0), lambda: _steered("reasoning_control.safetensors"), SYSTEM, None),
+    "verbose": (lambda: sk.load_model(ORGANISM / "model"), None, SYSTEM, BUDGET),
+    "verbose+concise": (
+        lambda: sk.load_model(ORGANISM / "model"),
+        lambda: _steered("efficiency.safetensors"),
+        SYSTEM,
+        BUDGET,
+    ),  # fmt: skip
+    "verbose+prompt": (lambda: sk.load_model(ORGANISM / "model"), None, CONCISE_SYSTEM, BUDGET),
+}
+
+
+def score(name: str) -> dict:
+    """One model's graded generations on the set, with token lengths (cached: the set is scored once)."""
+    path = HERE / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    build, steering, system, budget = MODELS[name]
+    spec = task()[0]
+    model, tok = build()
+    model = model.to(EVAL_DTYPE)
+    chosen = items()
+    prompts = [render(tok, it, spec["example"], system) for it in chosen]
+    with sk.steer(model, *steering()) if steering else contextlib.nullcontext():
+        outs = completions(model, tok, prompts, budget or spec["budget"], 64, return_finished=True)
+    result = grade_worked([t for t, _ in outs], [f for _, f in outs], chosen)
+    result["lengths"] = [len(tok(t, add_special_tokens=False)["input_ids"]) for t, _ in outs]
+    write_text(json.dumps(result), path, force=True)
+    return result
+
+
+def verdict(claim: dict, treated: dict, base: dict) -> tuple[str, tuple[float, float, float], bool]:
+    """(what was measured, its paired interval, whether the claim holds) for one claim."""
+    if claim["measure"] == "length":
+        rel = [t / max(b, 1) - 1 for t, b in zip(treated["lengths"], base["lengths"], strict=True)]
+        interval = bootstrap(rel)
+        return "length / baseline's − 1", interval, interval[2] < 0 if claim["direction"] == "-" else interval[1] > 0
+    interval = paired_bootstrap(treated["correct"], base["correct"])
+    if claim["measure"] == "non-inferior":
+        return "accuracy difference", interval, interval[1] > -MARGIN
+    holds = interval[1] > 0 if claim["direction"] == "+" else interval[2] < 0
+    return "accuracy difference", interval, holds
+
+
+def main() -> None:
+    spec = json.loads(CLAIMS.read_text())
+    results = {}
+    for claim in spec["claims"]:
+        for name in (claim["treated"], claim["baseline"]):
+            if name not in results:
+                results[name] = score(name)
+                print(f"{name}: accuracy {results[name]['accuracy']:.3f}")
+    lines = [
+        "# Second confirmation set (round three, scored once)",
+        "",
+        f'{len(items())} one-step items from a fresh seed (split "confirm2"), disjoint from train, validation, '
+        f"test and the first confirmation set. Claims fixed in `experiments/claims2.json` ({spec['fixed']}) before "
+        "the set was generated. Models as on test (bf16, greedy); intervals 95% paired bootstrap over items.",
+        "",
+        "| claim | measure | treated | baseline | difference [95%] | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for claim in spec["claims"]:
+        t, b = results[claim["treated"]], results[claim["baseline"]]
+        measure, interval, holds = verdict(claim, t, b)
+        rows.append({**claim, "interval": interval, "holds": holds})
+        cells = [claim["claim"], measure, f"{claim['treated']} {ci(t['correct'])}",
+                 f"{claim['baseline']} {ci(b['correct'])}", signed(interval), "yes" if holds else "no"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    held = sum(r["holds"] for r in rows)
+    lines += [
+        "",
+        f"{held} of {len(rows)} claims hold.",
+        "",
+        "Reproduce: `.venv/bin/python experiments/confirm2.py`",
+        "",
+    ]
+    write_report("confirmation2", {"claims": rows, "accuracy": {n: r["accuracy"] for n, r in results.items()}}, lines)
+
+
+if __name__ == "__main__":
+    main()
