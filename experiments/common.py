@@ -18,6 +18,7 @@ from steerkit._io import atomic_path
 from steerkit.batching import pad_batch, pad_id
 
 CACHE = Path("experiments/.cache")
+EVAL_BATCH = 256  # rows a generate call; round three's evaluations (bf16 on the CPU: ~1.2x faster than 64)
 ARTIFACTS = Path("artifacts/reasoning_transfer")
 
 

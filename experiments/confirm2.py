@@ -7,7 +7,8 @@ baseline; non-inferior: above −``MARGIN``). Every model is evaluated as on tes
 ``experiments/.cache/confirm2``, so a second run only rewrites the report. The first confirmation set
 (``confirmation.md``) stays as it was.
 
-    .venv/bin/python experiments/confirm2.py   # about 2 minutes a model on 2 cores
+    .venv/bin/python experiments/confirm2.py fix   # the claims, from the test split, before the set exists
+    .venv/bin/python experiments/confirm2.py       # score them (about 1-2 minutes a model on 2 cores)
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ARTIFACTS, CACHE, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, EVAL_BATCH, write_report  # noqa: E402
 from control_vectors import EVAL_DTYPE, MARGIN  # noqa: E402
 from efficiency import BUDGET, CONCISE_SYSTEM, ORGANISM  # noqa: E402
 from organisms import RUNS, ci, signed, task  # noqa: E402
@@ -76,6 +78,40 @@ MODELS: dict[str, tuple[Callable[[], tuple], Callable[[], tuple] | None, str, in
 }
 
 
+def fix_claims() -> None:
+    """Write ``claims2.json`` from the test split's results, before the set exists (refuses to rewrite it)."""
+    if CLAIMS.exists():
+        raise SystemExit(f"{CLAIMS} is fixed already: claims are not rewritten after they are made")
+    test = lambda name: json.loads((CACHE / "eval" / f"2b-{name}-test.json").read_text())["correct"]  # noqa: E731
+    own = lambda name: json.loads((CACHE / "own" / f"{name}.json").read_text())["correct"]  # noqa: E731
+    alpha = sk.SteeringVector.load(VECTORS / "reasoning_control.safetensors").metadata["alpha"]
+    found = {  # claim -> (treated, baseline, the test split's paired difference)
+        "1: GRPO-0 beats M0 (a set-up check)": ("grpo-0", "m0", test("grpo-0"), test("m0")),
+        "2b: GRPO-0 vs SFT-answer-0 (the paper's ordering)": (
+            "grpo-0",
+            "sft-answer-0",
+            test("grpo-0"),
+            test("sft-answer-0"),
+        ),  # fmt: skip
+        "2b: M1 + v vs M1 (the paper's α = 1)": ("m1+v", "m1", test("v0+1"), test("m1")),
+        "2b: M1 − v vs M1 (the paper's subtraction)": ("m1-v", "m1", test("v0-1"), test("m1")),
+        "4: M0 + α·v (correct − wrong) vs M0": (
+            "m0+reasoning",
+            "m0",
+            own(f"reasoning-test{float(alpha):+g}"),
+            own("m0-test"),
+        ),  # fmt: skip
+    }
+    claims = []
+    for claim, (treated, base, t, b) in found.items():
+        diff = paired_bootstrap(t, b)
+        claims.append({"claim": claim, "treated": treated, "baseline": base, "measure": "accuracy",
+                       "direction": "+" if diff[0] > 0 else "-", "test": diff})  # fmt: skip
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    write_text(json.dumps({"fixed": stamp, "claims": claims}, indent=1) + "\n", CLAIMS)
+    print(f"{len(claims)} claims fixed in {CLAIMS}")
+
+
 def score(name: str) -> dict:
     """One model's graded generations on the set, with token lengths (cached: the set is scored once)."""
     path = HERE / f"{name}.json"
@@ -88,7 +124,7 @@ def score(name: str) -> dict:
     chosen = items()
     prompts = [render(tok, it, spec["example"], system) for it in chosen]
     with sk.steer(model, *steering()) if steering else contextlib.nullcontext():
-        outs = completions(model, tok, prompts, budget or spec["budget"], 64, return_finished=True)
+        outs = completions(model, tok, prompts, budget or spec["budget"], EVAL_BATCH, return_finished=True)
     result = grade_worked([t for t, _ in outs], [f for _, f in outs], chosen)
     result["lengths"] = [len(tok(t, add_special_tokens=False)["input_ids"]) for t, _ in outs]
     write_text(json.dumps(result), path, force=True)
@@ -123,8 +159,8 @@ def main() -> None:
         f"test and the first confirmation set. Claims fixed in `experiments/claims2.json` ({spec['fixed']}) before "
         "the set was generated. Models as on test (bf16, greedy); intervals 95% paired bootstrap over items.",
         "",
-        "| claim | measure | treated | baseline | difference [95%] | holds |",
-        "|---|---|---|---|---|---|",
+        "| claim | measure | treated | baseline | test: difference | difference [95%] | holds |",
+        "|---|---|---|---|---|---|---|",
     ]
     rows = []
     for claim in spec["claims"]:
@@ -132,7 +168,8 @@ def main() -> None:
         measure, interval, holds = verdict(claim, t, b)
         rows.append({**claim, "interval": interval, "holds": holds})
         cells = [claim["claim"], measure, f"{claim['treated']} {ci(t['correct'])}",
-                 f"{claim['baseline']} {ci(b['correct'])}", signed(interval), "yes" if holds else "no"]  # fmt: skip
+                 f"{claim['baseline']} {ci(b['correct'])}", signed(claim["test"]) if "test" in claim else "-",
+                 signed(interval), "yes" if holds else "no"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     held = sum(r["holds"] for r in rows)
     lines += [
@@ -146,4 +183,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["fix"]:
+        fix_claims()
+    elif not sys.argv[1:]:
+        main()
+    else:
+        raise SystemExit("usage: confirm2.py fix (write the claims from test) | confirm2.py (score them, once)")

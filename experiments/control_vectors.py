@@ -30,7 +30,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, interior_choice, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, EVAL_BATCH, interior_choice, write_report  # noqa: E402
 from organisms import ci, signed, task  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -47,7 +47,8 @@ N_QUESTIONS, SAMPLES, TEMPERATURE = 480, 8, 0.8
 LAYERS = (10, 15, 20)  # a third, half and two thirds of the 30 blocks, fixed before any pair was seen
 REASONING_ALPHAS = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)
 MARGIN = 0.03  # stage 5's non-inferiority margin (accuracy)
-N_RANDOM, EVAL_DTYPE = 20, torch.bfloat16  # random directions in stage 4's null; generation runs in bf16
+N_RANDOM, N_NULL_ITEMS = 20, 500  # stage 4's null: random directions, on the first 500 test items
+EVAL_DTYPE = torch.bfloat16  # generation runs in bf16
 HERE = CACHE / "own"
 USAGE = "control_vectors.py samples | reasoning"
 
@@ -63,7 +64,7 @@ def samples() -> list[dict]:
     torch.manual_seed(0)
     kwargs = {"do_sample": True, "temperature": TEMPERATURE, "top_p": 1.0, "num_return_sequences": SAMPLES}
     prompts = [render(tok, it, spec["example"]) for it in items]
-    outs = completions(model, tok, prompts, spec["budget"], 64 // SAMPLES, True, **kwargs)
+    outs = completions(model, tok, prompts, spec["budget"], EVAL_BATCH // SAMPLES, True, **kwargs)
     rows = []
     for q, item in enumerate(items):
         mine = outs[q * SAMPLES : (q + 1) * SAMPLES]
@@ -173,7 +174,7 @@ def run(
     prompts = [render(tok, it, spec["example"], system) for it in items]
     steering = sk.steer(model, vector, alpha) if vector is not None else contextlib.nullcontext()
     with steering:
-        outs = completions(model, tok, prompts, budget or spec["budget"], 64, return_finished=True)
+        outs = completions(model, tok, prompts, budget or spec["budget"], EVAL_BATCH, return_finished=True)
         first = next_token_logprobs(model, tok, prompts, 32) if keep_first else None
     texts = [t for t, _ in outs]
     result = grade_worked(texts, [f for _, f in outs], items)
@@ -270,12 +271,15 @@ def reasoning() -> None:
     items = splits["test"]
     m0_test = run("m0-test", model16, tok, items)
     steered = run(f"reasoning-test{alpha:+g}", model16, tok, items, v, alpha)
-    nulls = [run(f"reasoning-random{n}-test{alpha:+g}", model16, tok, items, random_like(v, layer, n), alpha)
-             for n in range(N_RANDOM)]  # fmt: skip
-    effect = steered["accuracy"] - m0_test["accuracy"]
-    null_effects = [r["accuracy"] - m0_test["accuracy"] for r in nulls]
+    sub = items[:N_NULL_ITEMS]
+    nulls = [run(f"reasoning-random{n}-test{N_NULL_ITEMS}{alpha:+g}", model16, tok, sub, random_like(v, layer, n),
+                 alpha) for n in range(N_RANDOM)]  # fmt: skip
+    on_sub = lambda r: sum(r["correct"][:N_NULL_ITEMS]) / N_NULL_ITEMS  # noqa: E731
+    effect = on_sub(steered) - on_sub(m0_test)  # on the items the nulls ran on
+    null_effects = [r["accuracy"] - on_sub(m0_test) for r in nulls]
     share_below, p_null = empirical_p(effect, null_effects)
-    split = operation_split({"m0": m0_test, "steered": steered, **{f"null{n}": r for n, r in enumerate(nulls)}}, items)
+    split = operation_split({"m0": m0_test, "steered": steered}, items)
+    split |= operation_split({f"null{n}": r for n, r in enumerate(nulls)}, sub)
     # the family Holm corrects: overall against M0, against the nulls, each operation, the operation choice
     family = {
         "steered − M0 (all items)": mcnemar(steered["correct"], m0_test["correct"]),
@@ -303,7 +307,8 @@ def reasoning() -> None:
     axes[2].set(xlabel="α", ylabel="entropy (nats)", title="first token")
     axes[3].hist(null_effects, bins=10, color="gray", label=f"{N_RANDOM} random directions")
     axes[3].axvline(effect, color="C3", label=f"v (layer {layer}, α {alpha:+g})")
-    axes[3].set(xlabel="test accuracy − M0", ylabel="directions", title="steered effect among the null")
+    axes[3].set(xlabel=f"accuracy − M0 (first {N_NULL_ITEMS} test items)", ylabel="directions",
+                title="steered effect among the null")  # fmt: skip
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -364,8 +369,9 @@ def reasoning() -> None:
         + ".",
         "",
         f"Test ({len(items)} items). Differences paired on items (95% bootstrap); McNemar p; the steered effect "
-        f"ranked among {N_RANDOM} random directions of equal norm at the same layer and α (empirical p = (1 + "
-        f"#null ≥ effect) / {N_RANDOM + 1}); Holm over the {len(family)} tests of this stage.",
+        f"ranked among {N_RANDOM} random directions of equal norm at the same layer and α, all on the first "
+        f"{N_NULL_ITEMS} test items (empirical p = (1 + #null ≥ effect) / {N_RANDOM + 1}); Holm over the "
+        f"{len(family)} tests of this stage.",
         "",
         "| model | accuracy [95%] | − M0 (paired) | McNemar p | Holm p | truncated |",
         "|---|---|---|---|---|---|",
@@ -374,22 +380,25 @@ def reasoning() -> None:
         f"{signed(paired_bootstrap(steered['correct'], m0_test['correct']))} "
         f"| {family['steered − M0 (all items)']:.2g} | {adjusted['steered − M0 (all items)']:.2g} "
         f"| {steered['truncated']:.3f} |",
-        f"| {N_RANDOM} random directions, equal norm: mean [min, max] | {mean(null_acc):.3f} [{min(null_acc):.3f}, "
-        f"{max(null_acc):.3f}] | {mean(null_effects):+.3f} | - | - | {mean([r['truncated'] for r in nulls]):.3f} |",
+        f"| {N_RANDOM} random directions, equal norm (first {N_NULL_ITEMS} items; M0 there "
+        f"{on_sub(m0_test):.3f}): mean [min, max] | {mean(null_acc):.3f} [{min(null_acc):.3f}, {max(null_acc):.3f}] | "
+        f"{mean(null_effects):+.3f} | - | - | {mean([r['truncated'] for r in nulls]):.3f} |",
         "",
-        f"The steered effect {effect:+.3f} beats {share_below:.0%} of the random directions' effects (empirical p "
-        f"{p_null:.2g}, Holm {adjusted['steered against the random directions']:.2g}).",
+        f"On those {N_NULL_ITEMS} items the steered effect {effect:+.3f} beats {share_below:.0%} of the random "
+        f"directions' effects (empirical p {p_null:.2g}, Holm "
+        f"{adjusted['steered against the random directions']:.2g}).",
         "",
         "By gold operation (is it a push towards one operation?):",
         "",
-        "| items | n | M0 | steered | steered − M0 | random directions (mean) | McNemar p | Holm p |",
+        f"| items | n | M0 | steered | steered − M0 | random directions (mean, first {N_NULL_ITEMS}) | McNemar p "
+        "| Holm p |",
         "|---|---|---|---|---|---|---|---|",
         op_row("add", "add"),
         op_row("subtract", "subtract"),
         "",
         "By operation chosen (the first calculation written):",
         "",
-        "| | M0 | steered | random directions (mean) |",
+        f"| | M0 | steered | random directions (mean, first {N_NULL_ITEMS}) |",
         "|---|---|---|---|",
         f"| first calculation uses the gold operation | {right['m0']:.3f} | {right['steered']:.3f} "
         f"({signed(right_diff)}, Holm p {adjusted['right operation chosen: steered − M0']:.2g}) | {null_right:.3f} |",
@@ -403,6 +412,7 @@ def reasoning() -> None:
     data = {"pairs": len(pairs), "n_train": n_train, "n_test": n_test, "auroc": stats, "layer": layer,
             "alpha": alpha, "sweeps": sweeps, "kl": kls, "entropy": entropies, "m0_test": m0_test["accuracy"],
             "steered_test": steered["accuracy"], "null_test": null_acc, "effect": effect,
+            "null_effects": null_effects, "m0_null_items": on_sub(m0_test),
             "share_of_nulls_below": share_below, "p_null": p_null, "family": family, "holm": adjusted,
             "operations": {k: {"add": mean(split[k]["add"]["correct"]),
                                "subtract": mean(split[k]["subtract"]["correct"]),

@@ -32,7 +32,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, finetune, interior_choice, write_report  # noqa: E402
+from common import ARTIFACTS, EVAL_BATCH, finetune, interior_choice, write_report  # noqa: E402
 from control_vectors import EVAL_DTYPE, HERE, LAYERS, MARGIN, auroc_lines, frozen, random_like, run  # noqa: E402
 from organisms import RUNS, signed, task  # noqa: E402
 
@@ -94,7 +94,7 @@ def samples() -> list[dict]:
     items = splits["train"][QUESTIONS]
     torch.manual_seed(0)
     kwargs = {"do_sample": True, "temperature": TEMPERATURE, "top_p": 1.0, "num_return_sequences": SAMPLES}
-    outs = completions(model, tok, [render(tok, it, spec["example"]) for it in items], BUDGET, 64 // SAMPLES,
+    outs = completions(model, tok, [render(tok, it, spec["example"]) for it in items], BUDGET, EVAL_BATCH // SAMPLES,
                        True, **kwargs)  # fmt: skip
     rows = []
     for q, item in enumerate(items):

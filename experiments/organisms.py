@@ -28,7 +28,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, finetune, mean_sd, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, EVAL_BATCH, finetune, mean_sd, write_report  # noqa: E402
 from grpo import GRPOConfig, question_batches, train  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -143,7 +143,8 @@ def evaluate(name: str, model, tok, items, split: str, example: str, budget: int
     path = CACHE / "eval" / f"{name}-{split}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    outs = completions(model, tok, [render(tok, it, example) for it in items], budget, 64, return_finished=True)
+    prompts = [render(tok, it, example) for it in items]
+    outs = completions(model, tok, prompts, budget, EVAL_BATCH, return_finished=True)
     result = grade_worked([t for t, _ in outs], [f for _, f in outs], items)
     result["examples"] = [t for t, _ in outs[:5]]
     write_text(json.dumps(result), path, force=True)

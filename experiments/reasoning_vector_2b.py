@@ -42,6 +42,13 @@ from steerkit.evals.worked import render  # noqa: E402
 
 ALPHAS, NULLS, EVAL_DTYPE = (-1.0, -0.5, 0.5, 1.0), 5, torch.bfloat16
 HERE = CACHE / "reasoning_vector_2b"
+
+
+def test_null_alphas(alpha: float) -> set[float]:
+    """The α whose nulls also run on test: the frozen one and the paper's 1 (at −1, validation's only)."""
+    return {alpha, 1.0} - {0.0}
+
+
 M0 = "smollm2-135m-instruct"
 USAGE = "reasoning_vector_2b.py val SEED | test SEED | report"
 
@@ -117,8 +124,19 @@ def test(seed: int) -> None:
     v = vector(seed)
     for a in sorted({alpha, 1.0, -1.0} - {0.0}):
         score(f"v{seed}{a:+g}", m1(), "test", v, a)
-        for n in range(NULLS):
+        for n in range(NULLS if a in test_null_alphas(alpha) else 0):
             score(f"null{seed}.{n}{a:+g}", m1(), "test", vector(seed, n), a)
+    for name, tv, a in halves(seed, alpha):
+        score(name, m1(), "test", tv, a)
+
+
+def halves(seed: int, alpha: float) -> list[tuple[str, sk.TaskVector, float]]:
+    """v's two halves as controls at the frozen α: α·Δ_GRPO and −α·Δ_SFT-answer (Δ = θ − θ_M0), whose sum is
+    α·v: which of the two carries v's effect."""
+    m0_path = sk.embedded_checkpoint()
+    grpo = sk.TaskVector.between(RUNS / f"grpo-{seed}" / "model", m0_path)
+    sft = sk.TaskVector.between(RUNS / f"sft-answer-{seed}" / "model", m0_path)
+    return [(f"dgrpo{seed}{alpha:+g}", grpo, alpha), (f"dsft{seed}{-alpha:+g}", sft, -alpha)]
 
 
 def distances(seed: int) -> dict:
@@ -151,6 +169,7 @@ def load(name: str, split: str) -> dict:
 def report(seed: int = 0) -> None:
     choice, dist, prec = sweep(seed), distances(seed), precision(seed)
     alpha = choice["alpha"]
+    val_of = choice["val"].get
     lr = json.loads((RUNS / f"sft-answer_lr-{seed}.json").read_text())
     grpo_log = json.loads((RUNS / f"grpo-{seed}" / "train.json").read_text())
     sft_log = json.loads((RUNS / f"sft-answer-{seed}" / "train.json").read_text())
@@ -162,14 +181,20 @@ def report(seed: int = 0) -> None:
     for a in tested:
         steered = load(f"v{seed}{a:+g}", "test")
         comparisons.append((f"M1 + {a:g}·v − M1", steered, m1_))
+        if a not in test_null_alphas(alpha):
+            continue
         null_acc = [load(f"null{seed}.{n}{a:+g}", "test")["accuracy"] for n in range(NULLS)]
         effect = steered["accuracy"] - m1_["accuracy"]
         null_effects = [x - m1_["accuracy"] for x in null_acc]
         below, p_null = empirical_p(effect if a > 0 else -effect, [e if a > 0 else -e for e in null_effects])
         null_rows[a] = {"accuracy": steered["accuracy"], "effect": effect, "null_effects": null_effects,
                         "share_of_nulls_below": below, "p": p_null}  # fmt: skip
+    if alpha:
+        comparisons.append((f"control: M1 + {alpha:g}·Δ_GRPO − M1", load(f"dgrpo{seed}{alpha:+g}", "test"), m1_))
+        comparisons.append((f"control: M1 − {alpha:g}·Δ_SFT-answer − M1", load(f"dsft{seed}{-alpha:+g}", "test"), m1_))
     p_values = [mcnemar(t["correct"], b["correct"]) for _, t, b in comparisons]
-    adjusted = holm(p_values + [null_rows[a]["p"] for a in tested])
+    with_nulls = [a for a in tested if a in null_rows]
+    adjusted = holm(p_values + [null_rows[a]["p"] for a in with_nulls])
     rows = []
     lines = [
         "# Stage 2b: the reasoning vector with the paper's ordering",
@@ -199,8 +224,8 @@ def report(seed: int = 0) -> None:
         + f". α = {alpha:+g} frozen ({'interior' if choice['interior'] else 'at the edge of the grid tried'}).",
         "",
         f"Test (1000 items). Differences paired on items (95% bootstrap); McNemar p and Holm-adjusted p over the "
-        f"{len(adjusted)} comparisons of this table (the ordering check, v against M1 at each α, v against its "
-        "nulls at each α).",
+        f"{len(adjusted)} comparisons of these two tables (the ordering check, v against M1 at each α, v's two "
+        "halves at the frozen α, v against its nulls at each α).",
         "",
         "| model | accuracy [95%] | truncated |",
         "|---|---|---|",
@@ -224,12 +249,16 @@ def report(seed: int = 0) -> None:
         "| α | v's effect | nulls' effects | share of nulls v beats | empirical p | Holm p |",
         "|---|---|---|---|---|---|",
     ]
-    for k, a in enumerate(tested):
+    for k, a in enumerate(with_nulls):
         r, q = null_rows[a], adjusted[len(comparisons) + k]
         nulls = ", ".join(f"{e:+.3f}" for e in r["null_effects"])
         lines.append(
             f"| {a:+g} | {r['effect']:+.3f} | {nulls} | {r['share_of_nulls_below']:.2f} | {r['p']:.2g} | {q:.2g} |"
         )
+    for a in (a for a in tested if a not in null_rows):
+        lines += ["", f"At α {a:+g} the nulls ran on validation only: M1 + {a:g}·v {val_of(a):.3f}, its {NULLS} "
+                  f"random directions {min(choice['nulls'][a]):.3f}–{max(choice['nulls'][a]):.3f}, M1 "
+                  f"{choice['val'][0.0]:.3f}."]  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 3.4))
     val = choice["val"]
     xs = sorted(val)

@@ -186,3 +186,18 @@ def test_empirical_p_ranks_an_effect_among_null_controls():
     assert empirical_p(-1.0, null) == pytest.approx((0.0, 1.0))
     with pytest.raises(ValueError, match="null distribution is empty"):
         empirical_p(0.1, [])
+
+
+def test_performance_share_is_a_share_of_accuracy_not_of_gain():
+    from steerkit.evals.stats import gain_recovered, performance_share
+
+    base = [1] * 40 + [0] * 60  # 0.40
+    reference = [1] * 50 + [0] * 50  # 0.50
+    treated = [1] * 45 + [0] * 55  # 0.45: 90% of the reference's accuracy, half of its gain
+    mean, low, high = performance_share(treated, reference)
+    assert mean == pytest.approx(0.9) and low < 0.9 < high
+    assert gain_recovered(treated, base, reference)[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="different lengths"):
+        performance_share([1, 0], [1])
+    with pytest.raises(ValueError, match="scores 0"):
+        performance_share([1, 0], [0, 0])

@@ -54,6 +54,19 @@ def gain_recovered(
     return bootstrap(rows, stat=fraction, n=n, seed=seed)
 
 
+def performance_share(
+    treated: Sequence[float], reference: Sequence[float], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """mean(treated) / mean(reference) on the same items, with its 95% bootstrap interval (items resampled
+    together): Resa's measure, the tuned model's accuracy as a share of the RL model's (not of its gain)."""
+    if len(treated) != len(reference):
+        raise ValueError(f"paired results of different lengths: {len(treated)} and {len(reference)}")
+    rows = torch.tensor([list(r) for r in zip(treated, reference, strict=True)], dtype=torch.float64)
+    if float(rows[:, 1].sum()) <= 0:
+        raise ValueError("the reference scores 0: no performance to take a share of")
+    return bootstrap(rows, stat=lambda v: v[:, 0].mean() / v[:, 1].mean().clamp(min=1e-12), n=n, seed=seed)
+
+
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
     """Exact two-sided McNemar p-value for paired correct/incorrect results (binomial on discordant items)."""
     if len(a) != len(b):
