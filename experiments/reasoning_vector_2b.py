@@ -180,7 +180,7 @@ def report(seed: int = 0) -> None:
     null_rows = {}
     for a in tested:
         steered = load(f"v{seed}{a:+g}", "test")
-        comparisons.append((f"M1 + {a:g}·v − M1", steered, m1_))
+        comparisons.append((f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1", steered, m1_))
         if a not in test_null_alphas(alpha):
             continue
         null_acc = [load(f"null{seed}.{n}{a:+g}", "test")["accuracy"] for n in range(NULLS)]
@@ -256,8 +256,9 @@ def report(seed: int = 0) -> None:
             f"| {a:+g} | {r['effect']:+.3f} | {nulls} | {r['share_of_nulls_below']:.2f} | {r['p']:.2g} | {q:.2g} |"
         )
     for a in (a for a in tested if a not in null_rows):
-        lines += ["", f"At α {a:+g} the nulls ran on validation only: M1 + {a:g}·v {val_of(a):.3f}, its {NULLS} "
-                  f"random directions {min(choice['nulls'][a]):.3f}–{max(choice['nulls'][a]):.3f}, M1 "
+        sign = "+" if a > 0 else "−"
+        lines += ["", f"At α {a:+g} the nulls ran on validation only: M1 {sign} {abs(a):g}·v {val_of(a):.3f}, its "
+                  f"{NULLS} random directions {min(choice['nulls'][a]):.3f}–{max(choice['nulls'][a]):.3f}, M1 "
                   f"{choice['val'][0.0]:.3f}."]  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 3.4))
     val = choice["val"]
