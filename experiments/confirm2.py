@@ -14,6 +14,7 @@ baseline; non-inferior: above −``MARGIN``). Every model is evaluated as on tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -40,6 +41,7 @@ VECTORS = ARTIFACTS / "vectors"
 M0 = "smollm2-135m-instruct"
 
 
+@functools.cache
 def items() -> list:
     """1000 one-step items from their own seed ("confirm2"), disjoint from every other split of the task."""
     spec = json.loads((ARTIFACTS / "task.json").read_text())

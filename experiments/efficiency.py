@@ -185,8 +185,8 @@ def main() -> None:
             return -mean(r["lengths"]) if r["accuracy"] >= base_val["accuracy"] - MARGIN else -math.inf
 
         best, scores, interior = interior_choice(shortness, ALPHAS, geometric=True)
-        runs = {a: {"accuracy": val_run(layer, a)["accuracy"], "length": mean(val_run(layer, a)["lengths"])}
-                for a in scores}  # fmt: skip
+        runs = {a: {"accuracy": r["accuracy"], "length": mean(r["lengths"])}
+                for a, r in ((a, val_run(layer, a)) for a in scores)}  # fmt: skip
         sweeps[layer] = {"alpha": best, "interior": interior, "ok": scores[best] > -math.inf, "runs": runs}
 
     def choose() -> dict:
@@ -244,7 +244,7 @@ def main() -> None:
     for label, r in rows.items():
         (m, lo, hi), (d, dlo, dhi) = r["length"], r["accuracy_diff"]
         axes[1].errorbar(m, d, xerr=[[m - lo], [hi - m]], yerr=[[d - dlo], [dhi - d]], fmt="o", capsize=3, label=label)
-    axes[1].errorbar(*[bootstrap(base["lengths"])[0]], 0, fmt="k*", ms=10, label="V")
+    axes[1].plot([bootstrap(base["lengths"])[0]], [0], "k*", ms=10, label="V")
     axes[1].axhline(-MARGIN, color="gray", ls="--", lw=0.8, label=f"non-inferiority margin −{MARGIN}")
     axes[1].set(xlabel="mean answer length (tokens)", ylabel="accuracy − V (paired)", title="test")
     for ax in axes:
@@ -262,7 +262,7 @@ def main() -> None:
         s = sweeps[k]
         return f"{s['alpha']:g}" + ("" if s["interior"] else " (edge)") + ("" if s["ok"] else " (none within margin)")
 
-    rows_all = [r for r in samples()]
+    rows_all = samples()
     n_samples = sum(len(r["texts"]) for r in rows_all)
     lines = [
         "# Stage 5: efficiency steering",

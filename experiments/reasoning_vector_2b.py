@@ -19,8 +19,10 @@ in float32, then cast): ``EVAL_DTYPE``.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,15 +61,23 @@ def vector(seed: int, null: int | None = None) -> sk.TaskVector:
     return v if null is None else v.random_like(100 * seed + null)
 
 
-def score(name: str, source, split: str, vec: sk.TaskVector | None = None, alpha: float = 0.0) -> dict:
-    """Accuracy of ``source`` (+ α·vec) on ``split``, evaluated in ``EVAL_DTYPE``, cached as ``2b-{name}``."""
+def nulls_of(seed: int) -> Iterator:
+    """``NULLS`` builders of v's random directions, one at a time, each built at most once and only when a
+    result is not cached (a null holds a model's worth of float32)."""
+    for n in range(NULLS):
+        yield functools.cache(lambda n=n: vector(seed, n))
+
+
+def score(name: str, source, split: str, vec=None, alpha: float = 0.0) -> dict:
+    """Accuracy of ``source`` (+ α·vec) on ``split``, evaluated in ``EVAL_DTYPE``, cached as ``2b-{name}``.
+    ``vec``: a TaskVector, or a function that builds one (a null, built only when the result is not cached)."""
     path = CACHE / "eval" / f"2b-{name}-{split}.json"
     if path.is_file():
         return json.loads(path.read_text())
     spec, splits, _ = task()
     model, tok = sk.load_model(source)
     if vec is not None:
-        vec.add_to(model, alpha)
+        (vec() if callable(vec) else vec).add_to(model, alpha)
     return evaluate(f"2b-{name}", model.to(EVAL_DTYPE), tok, splits[split], split, spec["example"], spec["budget"])
 
 
@@ -89,8 +99,10 @@ def sweep(seed: int) -> dict:
         return base if alpha == 0 else score(f"v{seed}{alpha:+g}", m1(), "val", v, alpha)["accuracy"]
 
     choice, scores, interior = interior_choice(accuracy, [*ALPHAS, 0.0])
-    nulls = {a: [score(f"null{seed}.{n}{a:+g}", m1(), "val", vector(seed, n), a)["accuracy"] for n in range(NULLS)]
-             for a in scores if a != 0}  # fmt: skip
+    nulls = {a: [0.0] * NULLS for a in scores if a != 0}
+    for n, null in enumerate(nulls_of(seed)):
+        for a in nulls:
+            nulls[a][n] = score(f"null{seed}.{n}{a:+g}", m1(), "val", null, a)["accuracy"]
     write_text(json.dumps({"alpha": choice, "interior": interior, "val": scores, "nulls": nulls}, indent=1), path)
     return sweep(seed)
 
@@ -124,8 +136,9 @@ def test(seed: int) -> None:
     v = vector(seed)
     for a in sorted({alpha, 1.0, -1.0} - {0.0}):
         score(f"v{seed}{a:+g}", m1(), "test", v, a)
-        for n in range(NULLS if a in test_null_alphas(alpha) else 0):
-            score(f"null{seed}.{n}{a:+g}", m1(), "test", vector(seed, n), a)
+    for n, null in enumerate(nulls_of(seed)):
+        for a in sorted(test_null_alphas(alpha)):
+            score(f"null{seed}.{n}{a:+g}", m1(), "test", null, a)
     for name, tv, a in halves(seed, alpha):
         score(name, m1(), "test", tv, a)
 
