@@ -2,10 +2,14 @@
 
 Resa's ``scripts/train/sae_tuning.py``, ``sae_tuning.yaml`` and ``preprocess.py``, followed here: the SAE is
 trained on the source's block output over question + final answer only (no reasoning trace), in the task's
-chat format ("The answer is N." as the assistant turn); it is spliced into the target at every token under
-``no_grad``; a LoRA (r 32, α 128) is trained with KL to the adapter-free target, batch 1, 2 epochs over
-``TUNE_ITEMS`` prompts of that same text (``TuneConfig.resa()``); the learning rate comes from {1e-6, 3e-6,
-1e-5} on validation, extended past a winning edge. Source: GRPO-0 (stage 1); target: M0; block 13 of 30.
+chat format ("The answer is N." as the assistant turn), on every position (``every_token``: the splice
+replaces every token, so the SAE must have learned the first one, an attention sink; an SAE that left it out
+moves M0 by 3.5 nats a token when spliced there, against 0.04 when the first token is kept); it is spliced into
+the target at every token under ``no_grad``; a LoRA (r 32, α 128) is trained with KL to the adapter-free
+target, batch 1, 2 epochs over ``TUNE_ITEMS`` prompts of that same text (``TuneConfig.resa()``); the learning
+rate comes from {1e-6, 3e-6, 1e-5} on validation, extended past a winning edge. Source: GRPO-0 (stage 1);
+target: M0; block 13 of 30. Departure: ``TUNE_ITEMS`` is 100, not the 1,000 planned (Resa: its whole trigger
+set), because a tuning step takes 1.1 s on this machine's two cores (37 minutes a model at 1,000).
 
 Controls, each tuned alike: M0's own SAE on the same text, the prose SAE (stage 3's recipe), and LoRA-SFT on the
 same answer-only text without an SAE (its lr on its own grid). Reported: Resa's measure (tuned accuracy as a
@@ -40,9 +44,10 @@ from steerkit._io import write_text  # noqa: E402
 from steerkit.data.corpus import Corpus, load_corpus  # noqa: E402
 from steerkit.evals.stats import gain_recovered, holm, mcnemar, paired_bootstrap, performance_share, t_interval  # noqa: E402
 from steerkit.evals.worked import render  # noqa: E402
+from steerkit.sae import load_sae, splice  # noqa: E402
 from steerkit.sae.tune import TuneConfig, save_checkpoint  # noqa: E402
 
-TUNE_ITEMS, SEEDS = 1000, (0, 1, 2)
+TUNE_ITEMS, SEEDS = 100, (0, 1, 2)
 LRS = {"kl": (1e-6, 3e-6, 1e-5), "ce": (1e-5, 3e-5, 1e-4)}
 HERE = CACHE / "sae_tuning_3b"
 USAGE = "sae_tuning_3b.py sae grpo-0|m0|prose | val | test SEED | report"
@@ -68,9 +73,31 @@ def train_sae(name: str) -> Path:
         texts = [p + a for p, a in answer_texts(tok, task()[1]["train"])]
         corpus = Corpus(f"answer texts x {len(texts)}", lambda: (t for _ in range(20) for t in texts))
     start = time.perf_counter()
-    sk.train_sae(model, tok, corpus, LAYER, out=out, force=True, **SAE)
+    sk.train_sae(model, tok, corpus, LAYER, out=out, force=True, **SAE, every_token=True)
     write_text(json.dumps({"seconds": time.perf_counter() - start}), out.with_suffix(".json"), force=True)
     return out
+
+
+def splice_kl(names=("grpo-0", "m0", "prose"), n: int = 50) -> dict:
+    """Per SAE, KL(M0 ‖ M0 with the SAE spliced at every token) in nats a token over ``n`` validation answer
+    texts: how far the splice that tuning starts from moves the target (cached in ``kl.json``)."""
+    path = HERE / "kl.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tok = sk.load_model("smollm2-135m-instruct")
+    ids = [tok(p + a, return_tensors="pt")["input_ids"] for p, a in answer_texts(tok, task()[1]["val"][:n])]
+
+    def logps() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [torch.log_softmax(model(x).logits.float(), -1) for x in ids]
+
+    base, kl = logps(), {}
+    for name in names:
+        with splice(model, load_sae(HERE / "sae" / name), LAYER, skip_first=False, max_norm=float("inf")):
+            spliced = logps()
+        kl[name] = float(sum((b.exp() * (b - q)).sum(-1).mean() for b, q in zip(base, spliced, strict=True)) / n)
+    write_text(json.dumps(kl), path, force=True)
+    return kl
 
 
 def name_of(sae: str | None, loss: str, lr: float, seed: int) -> str:
@@ -144,7 +171,7 @@ def plain(interval: tuple[float, float, float]) -> str:
 
 
 def report() -> None:
-    lrs = choose_lr()
+    lrs, kl = choose_lr(), splice_kl()
     m0 = reference("m0", "smollm2-135m-instruct")
     grpo = reference("grpo-0", RUNS / "grpo-0" / "model")
     rows, p_values, names = {}, [], []
@@ -170,7 +197,9 @@ def report() -> None:
         f"Here: source GRPO-0, target M0, block {LAYER}; SAEs as stage 3's (TopK k 32, d_sae 4608, "
         f'{SAE["tokens"]:,} tokens) on question + "The answer is N." text (prose for the prose control); '
         f"TuneConfig.resa(): every token spliced under no_grad, LoRA r 32 / α 128, batch 1, 2 epochs over "
-        f"{TUNE_ITEMS} answer texts. lr on validation (grid extended past a winning edge): "
+        f"{TUNE_ITEMS} answer texts (Resa: its whole trigger set). Each SAE spliced into M0 at every token moves "
+        "it by " + ", ".join(f"{name} {v:.3f}" for name, v in kl.items()) + " nats a token (KL on 50 validation "
+        "answer texts). lr on validation (grid extended past a winning edge): "
         + "; ".join(
             f"{loss} {c['lr']:g} ({'interior' if c['interior'] else 'edge'}; "
             + ", ".join(f"{lr}: {a:.3f}" for lr, a in c["val"].items())
@@ -195,7 +224,8 @@ def report() -> None:
             lines.append(f"| {label} | mean of {len(row['runs'])} | - | - | {plain(share)} | {signed(gain)} | - |")
     lines += ["", "Reproduce: `.venv/bin/python experiments/sae_tuning_3b.py sae grpo-0`, `sae m0`, `sae prose`, "
               "`val`, `test SEED` for each seed, `report`.", ""]  # fmt: skip
-    write_report("sae_tuning_3b", {"lr": lrs, "m0": m0["accuracy"], "grpo": grpo["accuracy"], "rows": rows}, lines)
+    data = {"lr": lrs, "splice_kl": kl, "m0": m0["accuracy"], "grpo": grpo["accuracy"], "rows": rows}
+    write_report("sae_tuning_3b", data, lines)
 
 
 if __name__ == "__main__":

@@ -294,3 +294,20 @@ def test_sae_bad_input(tiny_llama_module, smollm, trained, tmp_path):
             match = "sae_weights.safetensors missing"
         with pytest.raises(ValueError, match=match):
             load_sae(broken)
+
+
+def test_every_token_trains_on_the_first_position_and_records_no_outlier_norm(tiny_llama_module, tok,
+                                                                                default_corpus, tmp_path):  # fmt: skip
+    from steerkit.sae.io import recorded_max_norm
+
+    batch = next(default_corpus.batches(tok, 32, 4, "train"))
+    every = block_activations(tiny_llama_module, batch, [1], first=0)[1]
+    dropped = block_activations(tiny_llama_module, batch, [1])[1]
+    assert every.shape[0] == batch.numel() and dropped.shape[0] == batch.shape[0] * (batch.shape[1] - 1)
+    assert torch.equal(every.reshape(4, 32, D)[:, 1:].reshape(-1, D), dropped)
+    default = train_sae(tiny_llama_module, tok, default_corpus, 1, out=tmp_path / "default", **SMALL)
+    sae = train_sae(tiny_llama_module, tok, default_corpus, 1, out=tmp_path / "every", every_token=True, **SMALL)
+    info, before = sae.cfg.metadata.steerkit, default.cfg.metadata.steerkit
+    assert before["first_position"] == "excluded" and recorded_max_norm(default) > 0
+    assert info["first_position"] == "included" and info["outlier_fraction"] == 0
+    assert recorded_max_norm(load_sae(tmp_path / "every")) is None  # a splice replaces every token

@@ -125,9 +125,10 @@ class ShuffleBuffer:
             yield self.pop()
 
 
-def mlp_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """``{layer: [b * (s - 1), 2 d]}`` float32: at each position after the first, block ``layer``'s MLP input and
-    then its output (what a transcoder reads and predicts)."""
+def mlp_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int], first: int = 1
+                    ) -> dict[int, torch.Tensor]:  # fmt: skip
+    """``{layer: [b * (s - first), 2 d]}`` float32: at each position from ``first`` on, block ``layer``'s MLP
+    input and then its output (what a transcoder reads and predicts)."""
     seen: dict[int, tuple] = {}
     with contextlib.ExitStack() as stack:
         for layer in layers:
@@ -136,19 +137,21 @@ def mlp_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]
         block_activations(model, batch, layers)
     out = {}
     for layer in layers:
-        x, y = (t[:, 1:].reshape(-1, t.shape[-1]).float() for t in seen[layer])
+        x, y = (t[:, first:].reshape(-1, t.shape[-1]).float() for t in seen[layer])
         out[layer] = torch.cat([x, y], dim=-1)
     return out
 
 
-def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """``{layer: [b * (s - 1), d]}`` float32 outputs of ``layers`` on packed ``batch`` (first position dropped)."""
+def block_activations(model: nn.Module, batch: torch.Tensor, layers: Sequence[int], first: int = 1
+                      ) -> dict[int, torch.Tensor]:  # fmt: skip
+    """``{layer: [b * (s - first), d]}`` float32 outputs of ``layers`` on packed ``batch`` from position ``first``
+    (by default the first position, an attention sink, is dropped)."""
     device = input_device(model)
     with torch.inference_mode(), Recorder(model, layers, stop=True) as rec:
         model(input_ids=batch.to(device), use_cache=False)
     out = {}
     for layer in layers:
-        h = rec[layer][:, 1:].reshape(-1, rec[layer].shape[-1]).float()
+        h = rec[layer][:, first:].reshape(-1, rec[layer].shape[-1]).float()
         if not torch.isfinite(h).all():
             raise ValueError(f"non-finite activations at layer {layer}: the model produced NaN or inf")
         out[layer] = h
@@ -408,6 +411,11 @@ class TrainConfig:
     resume: bool = option(False, "Continue from OUTPUT.ckpt (same settings and number of ranks).")
     seed: int = option(0, "Seed of the SAE's initialisation and of the shuffling.")
     autocast: bool = option(False, "Run the SAE's matmuls in bf16 (parameters and Adam stay float32).")
+    every_token: bool = option(
+        False,
+        "Train on every position, the first and attention sinks included (by default both are left out, and "
+        "splicing leaves them alone); an SAE spliced at every token, as Resa's recipe does, needs them.",
+    )
 
     def checked(self, d_in: int, ranks: int) -> TrainConfig:
         """This config with its defaults filled in for a model of width ``d_in`` trained on ``ranks`` ranks;
@@ -529,7 +537,8 @@ def _outputs(out, config: TrainConfig, corpus: Corpus, force: bool) -> tuple[Pat
 def _settings(config: TrainConfig, layers: list[int]) -> dict:
     """What a checkpoint must have been made with to be resumed."""
     return {"arch": config.arch, "layers": layers, "d_sae": config.d_sae, "k": config.k, "ctx_len": config.ctx_len,
-            "batch_size": config.batch_size, **({"kind": config.kind} if config.kind != "sae" else {})}  # fmt: skip
+            "batch_size": config.batch_size, **({"kind": config.kind} if config.kind != "sae" else {}),
+            **({"every_token": True} if config.every_token else {})}  # fmt: skip
 
 
 def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: TrainConfig, arch_options: dict) -> dict:
@@ -542,7 +551,8 @@ def _new_runs(model: nn.Module, corpus: Corpus, layers: list[int], config: Train
     torch.manual_seed(config.seed)
     runs = {}
     for value in layers:
-        steerkit = {"layer_index": value, "corpus_fingerprint": corpus.fingerprint, "first_position": "excluded"}
+        first = "included" if config.every_token else "excluded"
+        steerkit = {"layer_index": value, "corpus_fingerprint": corpus.fingerprint, "first_position": first}
         runs[value] = _new_run(config.arch, value, hidden_size(model), config.d_sae, options, config.lr,
                                {**meta, "steerkit": steerkit}, block_device(model, value))  # fmt: skip
         runs[value].transcode = config.kind == "transcoder"
@@ -559,10 +569,11 @@ def _activations(model, tok, corpus: Corpus, runs: dict, config: TrainConfig, po
     skip = rank + position.consumed * size
     needed = lambda: (config.steps - position.step) * buffer.batch_size  # noqa: E731  (rows training still takes)
     for chunk in corpus.batches(tok, config.ctx_len, config.model_batch, "train", skip=skip, shard=(rank, size)):
-        acts = (mlp_activations if config.kind == "transcoder" else block_activations)(model, chunk, list(runs))
+        read = mlp_activations if config.kind == "transcoder" else block_activations
+        acts = read(model, chunk, list(runs), first=0 if config.every_token else 1)
         for run in runs.values():
             if run.scale is None:
-                _first_batch(run, acts[run.layer], hidden_size(model))
+                _first_batch(run, acts[run.layer], hidden_size(model), config.every_token)
         keep = torch.stack([acts[v].norm(dim=-1) <= run.max_norm for v, run in runs.items()]).all(0)
         yield from buffer.make_room(int(keep.sum()))
         buffer.insert({v: x[keep] for v, x in acts.items()})
@@ -638,13 +649,14 @@ def _finish(runs: dict, trained: int, counts: dict, out: Path | None, ckpt: Path
     return result[first] if single else result
 
 
-def _first_batch(run: _Run, acts: torch.Tensor, d_in: int) -> None:
-    """Outlier norm, mean norm → √d_in scale and decoder bias at the mean, from the first batch (rank 0's, for
-    every rank, so data-parallel SAEs start identical). A transcoder's input and output are scaled apart and its
-    decoder bias starts at the output's mean."""
+def _first_batch(run: _Run, acts: torch.Tensor, d_in: int, every_token: bool = False) -> None:
+    """Outlier norm (inf with ``every_token``), mean norm → √d_in scale and decoder bias at the mean of the
+    inliers, from the first batch (rank 0's, for every rank, so data-parallel SAEs start identical). A
+    transcoder's input and output are scaled apart and its decoder bias starts at the output's mean."""
     norms = acts.norm(dim=-1)
-    max_norm = OUTLIER_FACTOR * float(norms.median())
-    inliers = acts[norms <= max_norm]
+    typical = OUTLIER_FACTOR * float(norms.median())
+    max_norm = math.inf if every_token else typical
+    inliers = acts[norms <= typical]
     x, y = (inliers[:, :d_in], inliers[:, d_in:]) if run.transcode else (inliers, inliers)
     scales = [math.sqrt(d_in) / float(part.norm(dim=-1).mean().clamp_min(1e-12)) for part in (x, y)]
     stats = broadcast(torch.tensor([max_norm, *scales]))
@@ -679,7 +691,8 @@ def _write(runs: dict[int, _Run], trained: int, root: Path, single: bool, counts
     """Fold the training scale into each SAE and write sae-lens directories plus ``training_log.json``."""
     for value, run in runs.items():
         target = root if single else root / f"layer_{value}"
-        info = {**run.sae.cfg.metadata.steerkit, "tokens": trained, "scale": run.scale, "max_norm": run.max_norm,
+        max_norm = run.max_norm if math.isfinite(run.max_norm) else None  # none: trained on every token
+        info = {**run.sae.cfg.metadata.steerkit, "tokens": trained, "scale": run.scale, "max_norm": max_norm,
                 "outlier_fraction": counts["excluded"] / max(1, counts["seen"])}  # fmt: skip
         _set_threshold(run)
         if run.transcode:
