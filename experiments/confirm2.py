@@ -9,6 +9,10 @@ baseline; non-inferior: above −``MARGIN``). Every model is evaluated as on tes
 
     .venv/bin/python experiments/confirm2.py fix   # the claims, from the test split, before the set exists
     .venv/bin/python experiments/confirm2.py       # score them (about 1-2 minutes a model on 2 cores)
+    .venv/bin/python experiments/confirm2.py fix 5 # a later stage's claims, a dated block, before it is scored
+
+A stage that ran after the set was first scored adds its claims as a dated block (``later`` in the file), fixed
+from its own test split before any of its models is scored here; the earlier blocks are not rewritten.
 """
 
 from __future__ import annotations
@@ -114,6 +118,43 @@ def fix_claims() -> None:
     print(f"{len(claims)} claims fixed in {CLAIMS}")
 
 
+def _rel_length(treated: dict, base: dict) -> tuple[float, float, float]:
+    return bootstrap([t / max(b, 1) - 1 for t, b in zip(treated["lengths"], base["lengths"], strict=True)])
+
+
+def stage5_claims() -> list[dict]:
+    """Stage 5's claims from its test split: V + α·v against V (length; accuracy within the margin) and against
+    "Be concise." (length)."""
+    ef = json.loads((ARTIFACTS / "efficiency.json").read_text())
+    alpha = ef["alpha"]
+    own = lambda name: json.loads((CACHE / "own" / f"{name}.json").read_text())  # noqa: E731
+    steered, v, prompt = own(f"eff-test{alpha:+g}"), own("eff-v-test"), own("eff-prompt-test")
+    found = [  # (claim, treated, baseline, measure, the test split's interval)
+        ("5: V + α·v vs V (length)", "verbose+concise", "verbose", "length", _rel_length(steered, v)),
+        ("5: V + α·v keeps V's accuracy (margin)", "verbose+concise", "verbose", "non-inferior",
+         paired_bootstrap(steered["correct"], v["correct"])),
+        ('5: V + α·v vs "Be concise." (length)', "verbose+concise", "verbose+prompt", "length",
+         _rel_length(steered, prompt)),
+    ]  # fmt: skip
+    sign = lambda m, diff: "+" if m == "non-inferior" or diff[0] > 0 else "-"  # noqa: E731
+    return [{"claim": c, "treated": t, "baseline": b, "measure": m, "test": diff, "direction": sign(m, diff)}
+            for c, t, b, m, diff in found]  # fmt: skip
+
+
+LATER = {"5": stage5_claims}  # stage -> its claims from test, fixed as a dated block
+
+
+def fix_later(stage: str) -> None:
+    """Append ``stage``'s claims to ``claims2.json`` as a dated block (refuses a stage already fixed)."""
+    spec = json.loads(CLAIMS.read_text())
+    if any(block["stage"] == stage for block in spec.get("later", [])):
+        raise SystemExit(f"stage {stage}'s claims are fixed already in {CLAIMS}: they are not rewritten")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    spec.setdefault("later", []).append({"stage": stage, "fixed": stamp, "claims": LATER[stage]()})
+    write_text(json.dumps(spec, indent=1) + "\n", CLAIMS, force=True)
+    print(f"stage {stage}: {len(spec['later'][-1]['claims'])} claims fixed in {CLAIMS}")
+
+
 def score(name: str) -> dict:
     """One model's graded generations on the set, with token lengths (cached: the set is scored once)."""
     path = HERE / f"{name}.json"
@@ -148,8 +189,10 @@ def verdict(claim: dict, treated: dict, base: dict) -> tuple[str, tuple[float, f
 
 def main() -> None:
     spec = json.loads(CLAIMS.read_text())
+    blocks = [{"stage": "2b, 4", "fixed": spec["fixed"], "claims": spec["claims"]}, *spec.get("later", [])]
+    claims = [{**claim, "fixed": block["fixed"]} for block in blocks for claim in block["claims"]]
     results = {}
-    for claim in spec["claims"]:
+    for claim in claims:
         for name in (claim["treated"], claim["baseline"]):
             if name not in results:
                 results[name] = score(name)
@@ -158,14 +201,17 @@ def main() -> None:
         "# Second confirmation set (round three, scored once)",
         "",
         f'{len(items())} one-step items from a fresh seed (split "confirm2"), disjoint from train, validation, '
-        f"test and the first confirmation set. Claims fixed in `experiments/claims2.json` ({spec['fixed']}) before "
-        "the set was generated. Models as on test (bf16, greedy); intervals 95% paired bootstrap over items.",
+        "test and the first confirmation set. Claims fixed in `experiments/claims2.json` from each stage's test "
+        "split before that stage's models were scored here ("
+        + "; ".join(f"stage{'s' * (',' in b['stage'])} {b['stage']}: {b['fixed']}" for b in blocks)
+        + "; the first block before the set was generated). Models as on test (bf16, greedy); intervals 95% "
+        "paired bootstrap over items.",
         "",
         "| claim | measure | treated | baseline | test: difference | difference [95%] | holds |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = []
-    for claim in spec["claims"]:
+    for claim in claims:
         t, b = results[claim["treated"]], results[claim["baseline"]]
         measure, interval, holds = verdict(claim, t, b)
         rows.append({**claim, "interval": interval, "holds": holds})
@@ -187,7 +233,10 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["fix"]:
         fix_claims()
+    elif sys.argv[1:2] == ["fix"] and len(sys.argv) == 3 and sys.argv[2] in LATER:
+        fix_later(sys.argv[2])
     elif not sys.argv[1:]:
         main()
     else:
-        raise SystemExit("usage: confirm2.py fix (write the claims from test) | confirm2.py (score them, once)")
+        stages = "|".join(LATER)
+        raise SystemExit(f"usage: confirm2.py fix [{stages}] (write claims from test) | confirm2.py (score them)")

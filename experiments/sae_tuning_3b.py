@@ -22,6 +22,7 @@ lr 1e-6 moves weights by less than bf16 can represent.
     .venv/bin/python experiments/sae_tuning_3b.py sae prose    # control: the prose SAE (~10 min)
     .venv/bin/python experiments/sae_tuning_3b.py val          # lr grids (~10 minutes a tuned model)
     .venv/bin/python experiments/sae_tuning_3b.py test SEED    # the frozen lrs: tuned model and controls
+    .venv/bin/python experiments/sae_tuning_3b.py test SEED grpo-0 m0   # only these SAEs' conditions
     .venv/bin/python experiments/sae_tuning_3b.py report
 """
 
@@ -50,7 +51,8 @@ from steerkit.sae.tune import TuneConfig, save_checkpoint  # noqa: E402
 TUNE_ITEMS, SEEDS = 100, (0, 1, 2)
 LRS = {"kl": (1e-6, 3e-6, 1e-5), "ce": (1e-5, 3e-5, 1e-4)}
 HERE = CACHE / "sae_tuning_3b"
-USAGE = "sae_tuning_3b.py sae grpo-0|m0|prose | val | test SEED | report"
+SAES = ("grpo-0", "m0", "prose", "none")  # "none": the LoRA-SFT control
+USAGE = "sae_tuning_3b.py sae grpo-0|m0|prose | val | test SEED [grpo-0 m0 prose none] | report"
 
 
 def answer_texts(tok, items) -> list[tuple[str, str]]:
@@ -149,9 +151,12 @@ CONDITIONS = {  # label -> (SAE, loss)
 }
 
 
-def test(seed: int) -> None:
+def test(seed: int, only: list[str]) -> None:
+    """The conditions at ``seed`` (those whose SAE is in ``only``, "none" for LoRA-SFT, when given)."""
     lrs = choose_lr()
     for sae, loss in CONDITIONS.values():
+        if only and (sae or "none") not in only:
+            continue
         r = tuned(sae, loss, lrs[loss]["lr"], "test", seed)
         print(f"{name_of(sae, loss, lrs[loss]['lr'], seed)}: test {r['accuracy']:.3f}")
 
@@ -234,8 +239,8 @@ if __name__ == "__main__":
         train_sae(args[1])
     elif args == ["val"]:
         choose_lr()
-    elif args[:1] == ["test"] and len(args) == 2 and args[1].isdigit():
-        test(int(args[1]))
+    elif args[:1] == ["test"] and len(args) >= 2 and args[1].isdigit() and set(args[2:]) <= set(SAES):
+        test(int(args[1]), args[2:])
     elif args == ["report"]:
         report()
     else:

@@ -53,3 +53,22 @@ def test_verbose_solutions_state_the_gold_answer_with_a_check():
         assert item.meta["expression"].rstrip(".") in text and "Check:" in text
         assert score_worked(text, True, item).correct  # the first stated answer is the gold one
         assert len(text) > 2 * len(item.meta["solution"])  # something for the direction to shorten
+
+
+def test_a_later_stages_claims_are_appended_dated_and_never_rewritten(tmp_path, monkeypatch):
+    import json
+
+    import confirm2
+
+    path = tmp_path / "claims2.json"
+    path.write_text(json.dumps({"fixed": "2026-12-06 15:14 UTC", "claims": [{"claim": "first"}]}))
+    made = [{"claim": "5: shorter", "treated": "verbose+concise", "baseline": "verbose", "measure": "length"}]
+    monkeypatch.setattr(confirm2, "CLAIMS", path)
+    monkeypatch.setitem(confirm2.LATER, "x", lambda: made)
+    confirm2.fix_later("x")
+    spec = json.loads(path.read_text())
+    assert spec["claims"] == [{"claim": "first"}] and spec["fixed"] == "2026-12-06 15:14 UTC"
+    assert [(b["stage"], b["claims"]) for b in spec["later"]] == [("x", made)] and "UTC" in spec["later"][0]["fixed"]
+    with pytest.raises(SystemExit, match="fixed already"):
+        confirm2.fix_later("x")
+    assert json.loads(path.read_text()) == spec
