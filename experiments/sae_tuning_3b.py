@@ -50,6 +50,7 @@ from steerkit.sae.tune import TuneConfig, save_checkpoint  # noqa: E402
 
 TUNE_ITEMS, SEEDS = 100, (0, 1, 2)
 LRS = {"kl": (1e-6, 3e-6, 1e-5), "ce": (1e-5, 3e-5, 1e-4)}
+MAX_EXTRA = 2  # grid steps added past a winning edge (each a tuned model, about 5 minutes here)
 HERE = CACHE / "sae_tuning_3b"
 SAES = ("grpo-0", "m0", "prose", "none")  # "none": the LoRA-SFT control
 USAGE = "sae_tuning_3b.py sae grpo-0|m0|prose | val | test SEED [grpo-0 m0 prose none] | report"
@@ -137,7 +138,7 @@ def choose_lr() -> dict:
     choice = {}
     for loss, sae in (("kl", "grpo-0"), ("ce", None)):
         best, scores, interior = interior_choice(lambda lr, s=sae, lo=loss: tuned(s, lo, lr, "val")["accuracy"],
-                                                 LRS[loss], geometric=True)  # fmt: skip
+                                                 LRS[loss], geometric=True, max_extra=MAX_EXTRA)  # fmt: skip
         choice[loss] = {"lr": best, "interior": interior, "val": {f"{lr:g}": a for lr, a in scores.items()}}
     write_text(json.dumps(choice, indent=1), path, force=True)
     return choice
