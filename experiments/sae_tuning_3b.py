@@ -17,11 +17,11 @@ share of GRPO-0's) and the share of GRPO-0's gain over M0, each with a paired bo
 ``SEEDS`` tuning seeds with t-intervals, and Holm over the comparisons. Evaluated in float32: a LoRA trained at
 lr 1e-6 moves weights by less than bf16 can represent.
 
-    .venv/bin/python experiments/sae_tuning_3b.py sae grpo-0   # the source's answer-text SAE (~10 min)
-    .venv/bin/python experiments/sae_tuning_3b.py sae m0       # control: M0's answer-text SAE (~10 min)
-    .venv/bin/python experiments/sae_tuning_3b.py sae prose    # control: the prose SAE (~10 min)
-    .venv/bin/python experiments/sae_tuning_3b.py val          # lr grids (~10 minutes a tuned model)
-    .venv/bin/python experiments/sae_tuning_3b.py test SEED    # the frozen lrs: tuned model and controls
+    .venv/bin/python experiments/sae_tuning_3b.py sae grpo-0   # the source's answer-text SAE (~5 min)
+    .venv/bin/python experiments/sae_tuning_3b.py sae m0       # control: M0's answer-text SAE (~5 min)
+    .venv/bin/python experiments/sae_tuning_3b.py sae prose    # control: the prose SAE (~5 min)
+    .venv/bin/python experiments/sae_tuning_3b.py val          # lr grids (~4 minutes a tuned model; 36 in all)
+    .venv/bin/python experiments/sae_tuning_3b.py test SEED    # the frozen lrs: four conditions (~22 min)
     .venv/bin/python experiments/sae_tuning_3b.py test SEED grpo-0 m0   # only these SAEs' conditions
     .venv/bin/python experiments/sae_tuning_3b.py report
 """
