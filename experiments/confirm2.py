@@ -177,8 +177,7 @@ def score(name: str) -> dict:
 def verdict(claim: dict, treated: dict, base: dict) -> tuple[str, tuple[float, float, float], bool]:
     """(what was measured, its paired interval, whether the claim holds) for one claim."""
     if claim["measure"] == "length":
-        rel = [t / max(b, 1) - 1 for t, b in zip(treated["lengths"], base["lengths"], strict=True)]
-        interval = bootstrap(rel)
+        interval = _rel_length(treated, base)
         return "length / baseline's − 1", interval, interval[2] < 0 if claim["direction"] == "-" else interval[1] > 0
     interval = paired_bootstrap(treated["correct"], base["correct"])
     if claim["measure"] == "non-inferior":

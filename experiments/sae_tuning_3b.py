@@ -43,6 +43,7 @@ from sae_tuning import LAYER, SAE, organism  # noqa: E402
 import steerkit as sk  # noqa: E402
 from steerkit._io import write_text  # noqa: E402
 from steerkit.data.corpus import Corpus, load_corpus  # noqa: E402
+from steerkit.evals.logits import kl as logit_kl  # noqa: E402
 from steerkit.evals.stats import gain_recovered, holm, mcnemar, paired_bootstrap, performance_share, t_interval  # noqa: E402
 from steerkit.evals.worked import render  # noqa: E402
 from steerkit.sae import load_sae, splice  # noqa: E402
@@ -98,7 +99,7 @@ def splice_kl(names=("grpo-0", "m0", "prose"), n: int = 50) -> dict:
     for name in names:
         with splice(model, load_sae(HERE / "sae" / name), LAYER, skip_first=False, max_norm=float("inf")):
             spliced = logps()
-        kl[name] = float(sum((b.exp() * (b - q)).sum(-1).mean() for b, q in zip(base, spliced, strict=True)) / n)
+        kl[name] = float(sum(logit_kl(b[0], q[0]).mean() for b, q in zip(base, spliced, strict=True)) / n)
     write_text(json.dumps(kl), path, force=True)
     return kl
 
