@@ -42,11 +42,11 @@ from steerkit.steer import completions  # noqa: E402
 SEEDS = (0, 1, 2)
 GRPO = GRPOConfig(steps=45, questions=8, group=8, lr=1e-5, beta=0.04, temperature=0.8)
 SFT_EPOCHS, SFT_LRS = 1, (3e-6, 6e-6)  # lr candidates: update norm within 2x of GRPO seed 0, then best val
-ANSWER_LRS = (1e-5, 3e-5, 1e-4)  # sft-answer (stage 2b): the same rule against the GRPO run of its seed
+ANSWER_LRS = (1e-5, 3e-5, 1e-4)  # sft-answer (stage 2b): the same rule against GRPO seed 0; frozen for seeds ≥ 1
 RUNS = CACHE / "organisms"
 USAGE = (
-    "organisms.py grpo SEED | organisms.py sft-lr | organisms.py sft SEED | organisms.py sft-answer-lr SEED "
-    "| organisms.py report"
+    "organisms.py grpo SEED | organisms.py sft-lr | organisms.py sft SEED | organisms.py sft-answer-lr 0 "
+    "| organisms.py sft-answer SEED | organisms.py report"
 )
 
 
@@ -101,7 +101,7 @@ def run(kind: str, seed: int, lr: float | None = None) -> Path:
     elif kind == "sft-answer":  # the paper's SFT: final answers only, on GRPO's questions in GRPO's batches
         seen = grpo_seen(len(train_items), seed)
         pairs = [(prompts[i], f"The answer is {train_items[i].answer}." + tok.eos_token) for i in seen]
-        lr = sft_lr(kind, seed) if lr is None else lr
+        lr = sft_lr(kind, 0) if lr is None else lr  # chosen on seed 0's validation, frozen for the other seeds
         losses = finetune(model, tok, pairs, 1, lr, seed, batch_size=GRPO.questions, shuffle=False)
         log = {"epochs": 1, "lr": lr, "examples": len(pairs), "losses": losses}
     else:
@@ -154,6 +154,10 @@ def evaluate(name: str, model, tok, items, split: str, example: str, budget: int
 def ci(values) -> str:
     mean, low, high = bootstrap([float(v) for v in values])
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def plain(interval: tuple[float, float, float]) -> str:
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*interval)
 
 
 def signed(interval: tuple[float, float, float]) -> str:

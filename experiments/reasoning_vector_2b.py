@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,16 +33,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import ARTIFACTS, CACHE, interior_choice, write_report  # noqa: E402
-from organisms import RUNS, ci, evaluate, signed, task, update_norm  # noqa: E402
+from organisms import RUNS, ci, evaluate, plain, signed, task, update_norm  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
 from steerkit._io import write_text  # noqa: E402
 from steerkit.evals.logits import kl, next_token_logprobs  # noqa: E402
-from steerkit.evals.stats import bootstrap, empirical_p, holm, mcnemar, paired_bootstrap  # noqa: E402
+from steerkit.evals.stats import bootstrap, empirical_p, holm, mcnemar, paired_bootstrap, t_interval  # noqa: E402
 from steerkit.evals.worked import render  # noqa: E402
 
-ALPHAS, NULLS, EVAL_DTYPE = (-1.0, -0.5, 0.5, 1.0), 5, torch.bfloat16
+ALPHAS, NULLS, EVAL_DTYPE, SEEDS = (-1.0, -0.5, 0.5, 1.0), 5, torch.bfloat16, (0, 1, 2)
 HERE = CACHE / "reasoning_vector_2b"
 
 
@@ -129,18 +129,44 @@ def precision(seed: int) -> dict:
 
 
 def test(seed: int) -> None:
-    alpha = sweep(seed)["alpha"]
+    """Seed 0: the organisms, v at the tested α, its random nulls and halves. Seeds ≥ 1 replicate it at seed
+    0's frozen α (no sweep of their own): the organisms and v at the tested α; then the structured nulls between
+    this seed's organisms and each earlier seed's (``structured``)."""
+    alpha = sweep(0)["alpha"]
     for name, source in (("m0", M0), ("m1", m1()), (f"grpo-{seed}", RUNS / f"grpo-{seed}" / "model"),
                          (f"sft-answer-{seed}", RUNS / f"sft-answer-{seed}" / "model")):  # fmt: skip
         score(name, source, "test")
     v = vector(seed)
-    for a in sorted({alpha, 1.0, -1.0} - {0.0}):
+    for a in tested(alpha):
         score(f"v{seed}{a:+g}", m1(), "test", v, a)
-    for n, null in enumerate(nulls_of(seed)):
+    distances(seed)
+    if seed == 0:
+        for n, null in enumerate(nulls_of(seed)):
+            for a in sorted(test_null_alphas(alpha)):
+                score(f"null{seed}.{n}{a:+g}", m1(), "test", null, a)
+        for name, tv, a in halves(seed, alpha):
+            score(name, m1(), "test", tv, a)
+    for name, _, build in structured(seed):
         for a in sorted(test_null_alphas(alpha)):
-            score(f"null{seed}.{n}{a:+g}", m1(), "test", null, a)
-    for name, tv, a in halves(seed, alpha):
-        score(name, m1(), "test", tv, a)
+            score(f"{name}{a:+g}", m1(), "test", build, a)
+
+
+def tested(alpha: float) -> list[float]:
+    """The α run on test, the frozen one first: it, the paper's 1 and −1."""
+    return sorted({alpha, 1.0, -1.0} - {0.0}, key=lambda a: (a != alpha, -a))
+
+
+def structured(seed: int) -> list[tuple[str, str, Callable[[], sk.TaskVector]]]:
+    """The structured nulls that ``seed`` completes, as (cache name, label, builder): θ_K-s − θ_K-seed for each
+    earlier seed s with both runs, K in GRPO and SFT-answer — what two runs of one recipe differ by."""
+    out = []
+    for s in range(seed):
+        for kind, label in (("grpo", "GRPO"), ("sft-answer", "SFT-answer")):
+            a, b = RUNS / f"{kind}-{s}" / "model", RUNS / f"{kind}-{seed}" / "model"
+            if a.is_dir() and b.is_dir():
+                build = functools.cache(lambda a=a, b=b: sk.TaskVector.between(a, b))
+                out.append((f"sn-{kind}{s}-{seed}", f"θ_{label}-{s} − θ_{label}-{seed}", build))
+    return out
 
 
 def halves(seed: int, alpha: float) -> list[tuple[str, sk.TaskVector, float]]:
@@ -152,12 +178,16 @@ def halves(seed: int, alpha: float) -> list[tuple[str, sk.TaskVector, float]]:
     return [(f"dgrpo{seed}{alpha:+g}", grpo, alpha), (f"dsft{seed}{-alpha:+g}", sft, -alpha)]
 
 
+def total(tv: sk.TaskVector) -> float:
+    """‖tv‖ over every tensor."""
+    return sum(s["norm"] ** 2 for s in tv.stats()["tensors"].values()) ** 0.5
+
+
 def distances(seed: int) -> dict:
     """Norms of v, of the organisms' updates and of M1's distance to M0; M1's first-token KL from M0 (cached)."""
     path = HERE / f"distances-{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    total = lambda tv: sum(s["norm"] ** 2 for s in tv.stats()["tensors"].values()) ** 0.5  # noqa: E731
     m0_path = sk.embedded_checkpoint()
     spec, splits, _ = task()
     model0, tok = sk.load_model(M0)
@@ -175,6 +205,92 @@ def distances(seed: int) -> dict:
     return result
 
 
+def replication(alpha: float) -> tuple[list[str], dict]:
+    """Every seed with test results at ``alpha``: the ordering check and v's effect at each tested α, the mean
+    over seeds with its t-interval, and the structured nulls' effects; Holm over this section's comparisons."""
+    seeds = [s for s in SEEDS if (CACHE / "eval" / f"2b-v{s}{alpha:+g}-test.json").is_file()]
+    m1_, alphas, null_alphas = load("m1", "test"), tested(alpha), sorted(test_null_alphas(alpha))
+    comparisons, per_seed = [], {}  # (key, label, treated, base)
+    for s in seeds:
+        grpo, sft = load(f"grpo-{s}", "test"), load(f"sft-answer-{s}", "test")
+        per_seed[s] = {"grpo": grpo["accuracy"], "sft_answer": sft["accuracy"], "norms": distances(s)}
+        comparisons.append(((s, "order"), f"seed {s}: GRPO − SFT-answer", grpo, sft))
+        comparisons += [((s, a), f"seed {s}: M1 {a:+g}·v − M1", load(f"v{s}{a:+g}", "test"), m1_) for a in alphas]
+    found = [n for s in seeds for n in structured(s)]
+    comparisons += [((name, a), f"{label} at α {a:+g}", load(f"{name}{a:+g}", "test"), m1_)
+                    for name, label, _ in found for a in null_alphas]  # fmt: skip
+    p_values = [mcnemar(t["correct"], b["correct"]) for *_, t, b in comparisons]
+    cells = {key: {"comparison": label, "diff": paired_bootstrap(t["correct"], b["correct"]), "p": p, "holm": q}
+             for (key, label, t, b), p, q in zip(comparisons, p_values, holm(p_values), strict=True)}  # fmt: skip
+
+    def cell(key) -> str:
+        return f"{signed(cells[key]['diff'])} ({cells[key]['holm']:.2g})"
+
+    keys = ["order", *alphas]
+    heads = ["GRPO − SFT-answer"] + [f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1" for a in alphas]
+    lines = [
+        "",
+        f"## Seeds {', '.join(map(str, seeds))}: replication and structured nulls",
+        "",
+        "Seeds ≥ 1 repeat seed 0's recipe (GRPO seed s; SFT-answer on its questions and batches at seed 0's lr, "
+        f"frozen) and are tested at seed 0's frozen α = {alpha:+g}, with no sweep of their own. Test differences "
+        f"paired on items (95% bootstrap), Holm-adjusted p in brackets over the {len(comparisons)} comparisons "
+        "of this section; the mean over seeds with its t-interval.",
+        "",
+        "| seed | ‖v‖ | ‖Δ_GRPO‖ | ‖Δ_SFT-answer‖ | GRPO | SFT-answer | " + " | ".join(heads) + " |",
+        "|---" * (6 + len(heads)) + "|",
+    ]
+    for s, r in per_seed.items():
+        n = r["norms"]
+        lines.append(
+            f"| {s} | {n['v']:.2f} | {n['delta_grpo']:.2f} | {n['delta_sft_answer']:.2f} | {r['grpo']:.3f} "
+            f"| {r['sft_answer']:.3f} | " + " | ".join(cell((s, k)) for k in keys) + " |"
+        )
+    if len(seeds) > 1:
+        accs = [plain(t_interval([r[k] for r in per_seed.values()])) for k in ("grpo", "sft_answer")]
+        means = [signed(t_interval([cells[s, k]["diff"][0] for s in seeds])) for k in keys]
+        lines.append(f"| mean of {len(seeds)} | - | - | - | " + " | ".join(accs + means) + " |")
+    norms = {name: total(build()) for name, _, build in found}
+    if found:
+        lines += [
+            "",
+            "Structured nulls: θ_K-s − θ_K-s′ for two seeds of one recipe K, added to M1 (effect = accuracy − M1's, "
+            "paired; Holm p in brackets): a difference of trained weights that no recipe chose.",
+            "",
+            "| null | ‖·‖ | " + " | ".join(f"α {a:+g}" for a in null_alphas) + " |",
+            "|---|---|" + "---|" * len(null_alphas),
+            *(f"| {label} | {norms[name]:.2f} | " + " | ".join(cell((name, a)) for a in null_alphas) + " |"
+              for name, label, _ in found),
+        ]  # fmt: skip
+    seeds_figure(cells, seeds, [name for name, _, _ in found], null_alphas, m1_["accuracy"])
+    lines += ["", "![seeds and nulls](reasoning_vector_2b_seeds.png)"]
+    data = {"seeds": {str(s): r for s, r in per_seed.items()}, "comparisons": list(cells.values()),
+            "structured": {name: {"label": label, "norm": norms[name]} for name, label, _ in found}}  # fmt: skip
+    return lines, data
+
+
+def seeds_figure(cells: dict, seeds: list[int], nulls: list[str], alphas: list[float], m1_accuracy: float) -> None:
+    """v's test effect per seed (95% paired interval) beside the structured nulls' and seed 0's random nulls'."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for k, a in enumerate(alphas):
+        for j, s in enumerate(seeds):
+            mean, low, high = cells[s, a]["diff"]
+            ax.errorbar(k - 0.2 + 0.04 * j, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="C0",
+                        capsize=2, label="v, one per seed" if k == j == 0 else None)  # fmt: skip
+        for kind, color, x in (("grpo", "C1", 0.0), ("sft-answer", "C2", 0.1)):
+            pts = [cells[name, a]["diff"][0] for name in nulls if name.startswith(f"sn-{kind}")]
+            ax.plot([k + x] * len(pts), pts, "s", color=color, label=f"θ_{kind}-s − θ_{kind}-s′" if k == 0 else None)
+        if (CACHE / "eval" / f"2b-null0.0{a:+g}-test.json").is_file():
+            pts = [load(f"null0.{n}{a:+g}", "test")["accuracy"] - m1_accuracy for n in range(NULLS)]
+            ax.plot([k + 0.2] * len(pts), pts, ".", color="gray", label="random, v's norms" if k == 0 else None)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(alphas)), [f"α {a:+g}" for a in alphas])
+    ax.set(ylabel="test accuracy − M1's", title="v against structured and random nulls")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots.save_figure(fig, ARTIFACTS / "reasoning_vector_2b_seeds.png", force=True)
+
+
 def load(name: str, split: str) -> dict:
     return json.loads((CACHE / "eval" / f"2b-{name}-{split}.json").read_text())
 
@@ -189,9 +305,8 @@ def report(seed: int = 0) -> None:
     m0, m1_, grpo, sft = (load(n, "test") for n in ("m0", "m1", f"grpo-{seed}", f"sft-answer-{seed}"))
     # the family Holm corrects: the ordering check, then each α's v against M1 and against its nulls
     comparisons = [("GRPO organism − SFT-answer organism", grpo, sft)]
-    tested = sorted({alpha, 1.0, -1.0} - {0.0}, key=lambda a: (a != alpha, -a))
     null_rows = {}
-    for a in tested:
+    for a in tested(alpha):
         steered = load(f"v{seed}{a:+g}", "test")
         comparisons.append((f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1", steered, m1_))
         if a not in test_null_alphas(alpha):
@@ -206,7 +321,7 @@ def report(seed: int = 0) -> None:
         comparisons.append((f"control: M1 + {alpha:g}·Δ_GRPO − M1", load(f"dgrpo{seed}{alpha:+g}", "test"), m1_))
         comparisons.append((f"control: M1 − {alpha:g}·Δ_SFT-answer − M1", load(f"dsft{seed}{-alpha:+g}", "test"), m1_))
     p_values = [mcnemar(t["correct"], b["correct"]) for _, t, b in comparisons]
-    with_nulls = [a for a in tested if a in null_rows]
+    with_nulls = [a for a in tested(alpha) if a in null_rows]
     adjusted = holm(p_values + [null_rows[a]["p"] for a in with_nulls])
     rows = []
     lines = [
@@ -268,7 +383,7 @@ def report(seed: int = 0) -> None:
         lines.append(
             f"| {a:+g} | {r['effect']:+.3f} | {nulls} | {r['share_of_nulls_below']:.2f} | {r['p']:.2g} | {q:.2g} |"
         )
-    for a in (a for a in tested if a not in null_rows):
+    for a in (a for a in tested(alpha) if a not in null_rows):
         sign = "+" if a > 0 else "−"
         lines += ["", f"At α {a:+g} the nulls ran on validation only: M1 {sign} {abs(a):g}·v {val_of(a):.3f}, its "
                   f"{NULLS} random directions {min(choice['nulls'][a]):.3f}–{max(choice['nulls'][a]):.3f}, M1 "
@@ -286,15 +401,17 @@ def report(seed: int = 0) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     plots.save_figure(fig, ARTIFACTS / "reasoning_vector_2b.png", force=True)
-    lines += ["", "![validation sweep](reasoning_vector_2b.png)", "",
+    seed_lines, seed_data = replication(alpha)
+    lines += ["", "![validation sweep](reasoning_vector_2b.png)", *seed_lines, "",
               f"Reproduce: `.venv/bin/python experiments/organisms.py grpo {seed}`, `organisms.py sft-answer-lr "
-              f"{seed}`, `reasoning_vector.py m1`, then `reasoning_vector_2b.py val {seed}`, `test {seed}`, `report`.",
-              ""]  # fmt: skip
+              f"{seed}`, `reasoning_vector.py m1`, then `reasoning_vector_2b.py val {seed}`, `test {seed}`; for each "
+              "further seed s, `organisms.py grpo s`, `organisms.py sft-answer s`, `reasoning_vector_2b.py test s`; "
+              "then `report`.", ""]  # fmt: skip
     data = {"seed": seed, "alpha": choice, "distances": dist, "precision": prec, "sft_answer_lr": lr,
             "comparisons": rows,
             "nulls": {str(a): r for a, r in null_rows.items()},
             "accuracy": {"m0": m0["accuracy"], "m1": m1_["accuracy"], "grpo": grpo["accuracy"],
-                         "sft_answer": sft["accuracy"]}}  # fmt: skip
+                         "sft_answer": sft["accuracy"]}, "replication": seed_data}  # fmt: skip
     write_report("reasoning_vector_2b", data, lines)
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import CACHE, interior_choice, write_report  # noqa: E402
-from organisms import RUNS, ci, evaluate, signed, task  # noqa: E402
+from organisms import RUNS, ci, evaluate, plain, signed, task  # noqa: E402
 from sae_tuning import LAYER, SAE, organism  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -171,10 +171,6 @@ def reference(name: str, source) -> dict:
         return json.loads(path.read_text())
     model, tok = sk.load_model(source)
     return evaluate(f"3b32-{name}", model, tok, splits["test"], "test", spec["example"], spec["budget"])
-
-
-def plain(interval: tuple[float, float, float]) -> str:
-    return "{:.3f} [{:.3f}, {:.3f}]".format(*interval)
 
 
 def report() -> None:

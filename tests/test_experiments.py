@@ -72,3 +72,30 @@ def test_a_later_stages_claims_are_appended_dated_and_never_rewritten(tmp_path, 
     with pytest.raises(SystemExit, match="fixed already"):
         confirm2.fix_later("x")
     assert json.loads(path.read_text()) == spec
+
+
+def test_structured_nulls_pair_each_recipe_across_seeds_and_build_the_weight_difference(tmp_path, monkeypatch):
+    import copy
+
+    import reasoning_vector_2b as rv
+    import torch
+
+    from tests.conftest import make_tiny
+
+    base = make_tiny("llama", 64)
+    models = {}
+    for k, name in enumerate(("grpo-0", "grpo-1", "sft-answer-0")):  # sft-answer-1 missing: no SFT pair
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (k + 1))
+        model.save_pretrained(tmp_path / name / "model")
+        models[name] = model
+    monkeypatch.setattr(rv, "RUNS", tmp_path)
+    assert rv.structured(0) == []
+    [(name, label, build)] = rv.structured(1)
+    assert (name, label) == ("sn-grpo0-1", "θ_GRPO-0 − θ_GRPO-1")
+    target = copy.deepcopy(models["grpo-1"])
+    build().add_to(target, 1.0)  # θ_GRPO-1 + (θ_GRPO-0 − θ_GRPO-1) = θ_GRPO-0
+    for p, q in zip(target.parameters(), models["grpo-0"].parameters(), strict=True):
+        torch.testing.assert_close(p, q)
