@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ARTIFACTS, CACHE, EVAL_BATCH, write_report  # noqa: E402
 from control_vectors import EVAL_DTYPE, MARGIN  # noqa: E402
-from efficiency import BUDGET, CONCISE_SYSTEM, ORGANISM  # noqa: E402
+from efficiency import BUDGET, CONCISE_SYSTEM, ORGANISM, relative_lengths  # noqa: E402
 from organisms import RUNS, ci, signed, task  # noqa: E402
 from reasoning_vector_2b import vector  # noqa: E402
 
@@ -119,7 +119,7 @@ def fix_claims() -> None:
 
 
 def _rel_length(treated: dict, base: dict) -> tuple[float, float, float]:
-    return bootstrap([t / max(b, 1) - 1 for t, b in zip(treated["lengths"], base["lengths"], strict=True)])
+    return bootstrap(relative_lengths(treated, base))
 
 
 def stage5_claims() -> list[dict]:

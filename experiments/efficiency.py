@@ -153,6 +153,11 @@ def direction(model, tok, found) -> tuple[sk.SteeringVector, dict]:
     return sk.SteeringVector(vecs, {"n_train": n, "n_test": len(held)}), stats
 
 
+def relative_lengths(treated: dict, base: dict) -> list[float]:
+    """Per item, the treated answer's token length relative to the base's, minus 1 (−0.1: 10% shorter)."""
+    return [t / max(b, 1) - 1 for t, b in zip(treated["lengths"], base["lengths"], strict=True)]
+
+
 def one_sided_p(diffs: list[float], margin: float = 0.0) -> float:
     """p of a paired z-test that the mean difference is at or below −``margin`` (n is hundreds here)."""
     t = torch.tensor(diffs, dtype=torch.float64)
@@ -221,7 +226,7 @@ def main() -> None:
     base = runs["V"]
     rows, family = {}, {}
     for label, r in list(runs.items())[1:]:
-        rel = [x / max(y, 1) - 1 for x, y in zip(r["lengths"], base["lengths"], strict=True)]
+        rel = relative_lengths(r, base)
         acc_d = [float(a) - float(b) for a, b in zip(r["correct"], base["correct"], strict=True)]
         acc = paired_bootstrap(r["correct"], base["correct"])
         family[f"{label}: shorter"] = one_sided_p([-x for x in rel])
