@@ -8,12 +8,15 @@ saw (``organisms.py sft-answer-lr SEED``), so that GRPO > SFT as in the paper's 
 Validation: M1 + α·v for α in ``ALPHAS`` (extended past an edge that wins, ``interior_choice``), and at each
 α, ``NULLS`` random directions with v's per-tensor norms (``TaskVector.random_like``). The α with the best
 validation accuracy is frozen before test. Test: M1 + α·v at the frozen α, at the paper's α = 1 and at −1,
-each beside the random directions at the same α; the organisms and M0. Evaluations in bf16 (weights added
-in float32, then cast): ``EVAL_DTYPE``.
+each beside the random directions at the same α; the organisms and M0. Seeds 1 and 2 replicate seed 0 at its
+frozen α and add the structured nulls θ_K-s − θ_K-s′ (two seeds of one recipe K). Evaluations in bf16 (weights
+added in float32, then cast): ``EVAL_DTYPE``.
 
     .venv/bin/python experiments/reasoning_vector.py m1          # M1, as stage 2 (a few minutes)
     .venv/bin/python experiments/reasoning_vector_2b.py val 0    # the α sweep and its nulls (about 10 minutes)
     .venv/bin/python experiments/reasoning_vector_2b.py test 0   # about 25 minutes
+    .venv/bin/python experiments/organisms.py grpo 1             # then sft-answer 1, and the same for seed 2
+    .venv/bin/python experiments/reasoning_vector_2b.py test 1   # seed 1 and its structured nulls (15-25 minutes)
     .venv/bin/python experiments/reasoning_vector_2b.py report
 """
 
@@ -250,12 +253,17 @@ def replication(alpha: float) -> tuple[list[str], dict]:
         accs = [plain(t_interval([r[k] for r in per_seed.values()])) for k in ("grpo", "sft_answer")]
         means = [signed(t_interval([cells[s, k]["diff"][0] for s in seeds])) for k in keys]
         lines.append(f"| mean of {len(seeds)} | - | - | - | " + " | ".join(accs + means) + " |")
+    truncated = "; ".join(f"seed {s}: " + ", ".join(f"{a:+g}·v {load(f'v{s}{a:+g}', 'test')['truncated']:.3f}"
+                                                  for a in alphas) for s in seeds)  # fmt: skip
+    lines += ["", f"Share of answers that ran out of the budget (M1 {m1_['truncated']:.3f}): {truncated}."]
     norms = {name: total(build()) for name, _, build in found}
     if found:
         lines += [
             "",
             "Structured nulls: θ_K-s − θ_K-s′ for two seeds of one recipe K, added to M1 (effect = accuracy − M1's, "
-            "paired; Holm p in brackets): a difference of trained weights that no recipe chose.",
+            "paired; Holm p in brackets): a difference of trained weights that no recipe chose. Compare by norm: "
+            f"α·‖null‖ against α·‖v‖ (α {alpha:+g}: {abs(alpha) * per_seed[seeds[0]]['norms']['v']:.2f} for seed "
+            f"{seeds[0]}'s v).",
             "",
             "| null | ‖·‖ | " + " | ".join(f"α {a:+g}" for a in null_alphas) + " |",
             "|---|---|" + "---|" * len(null_alphas),
@@ -277,9 +285,9 @@ def seeds_figure(cells: dict, seeds: list[int], nulls: list[str], alphas: list[f
             mean, low, high = cells[s, a]["diff"]
             ax.errorbar(k - 0.2 + 0.04 * j, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="C0",
                         capsize=2, label="v, one per seed" if k == j == 0 else None)  # fmt: skip
-        for kind, color, x in (("grpo", "C1", 0.0), ("sft-answer", "C2", 0.1)):
+        for kind, label, color, x in (("grpo", "GRPO", "C1", 0.0), ("sft-answer", "SFT-answer", "C2", 0.1)):
             pts = [cells[name, a]["diff"][0] for name in nulls if name.startswith(f"sn-{kind}")]
-            ax.plot([k + x] * len(pts), pts, "s", color=color, label=f"θ_{kind}-s − θ_{kind}-s′" if k == 0 else None)
+            ax.plot([k + x] * len(pts), pts, "s", color=color, label=f"θ_{label}-s − θ_{label}-s′" if k == 0 else None)
         if (CACHE / "eval" / f"2b-null0.0{a:+g}-test.json").is_file():
             pts = [load(f"null0.{n}{a:+g}", "test")["accuracy"] - m1_accuracy for n in range(NULLS)]
             ax.plot([k + 0.2] * len(pts), pts, ".", color="gray", label="random, v's norms" if k == 0 else None)
