@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-notebooks fuzz gemma test-gemma chromium bench-soak bench-features test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
+.PHONY: setup demo test test-docs-pages test-notebooks fuzz gemma test-gemma chromium bench-soak bench-features test-conformance conformance vllm-env llama-cpp docs docs-serve bench bench-sae bench-env lint clean notebooks lab serve
 
 setup: $(STAMP)
 
@@ -52,7 +52,11 @@ fuzz: setup
 
 # The conformance suite (tests/conformance, about 6 minutes) has its own target, which .ci/run also calls.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma and not notebook"
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance -m "not gemma and not notebook and not docs_pages"
+
+# The Python of every documentation page, run as a reader would (about 3 minutes; its own group, .ci/run calls it).
+test-docs-pages: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_docs.py -m docs_pages
 
 # Every notebook executed top to bottom with small settings (about 2 minutes here; its own group, .ci/run calls it).
 test-notebooks: setup

@@ -42,6 +42,7 @@ def test_the_readme_is_short_and_shows_the_two_commands():
 
 
 @pytest.mark.slow
+@pytest.mark.docs_pages
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_python_of_each_page_runs(page, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
