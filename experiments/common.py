@@ -94,6 +94,11 @@ def interior_choice(
         scores[beyond] = score(beyond)
 
 
+def plain(interval: Sequence[float]) -> str:
+    """(mean, low, high) as "0.123 [0.100, 0.150]"."""
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*interval)
+
+
 def mean_sd(values, spec: str = "+.3f") -> str:
     """Per-seed values as "mean ± s.d." (sample s.d.), each number formatted with ``spec``."""
     t = torch.tensor([float(v) for v in values])

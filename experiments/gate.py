@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, plain, write_report  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit._io import write_text  # noqa: E402
@@ -82,10 +82,6 @@ def run_try(model, tok, name: str, example: str, config: TaskConfig) -> dict:
     return result
 
 
-def ci(c) -> str:
-    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
-
-
 def main() -> None:
     model, tok = sk.load_model("smollm2-135m-instruct")
     tries, chosen = [], None
@@ -109,10 +105,10 @@ def main() -> None:
     ]
     for t in tries:
         b = t["baselines"]
-        p8 = ci(t["pass8"]) if "pass8" in t else "not run (pass@1 outside the range)"
-        sp1 = ci(t["sample_pass1"]) if "sample_pass1" in t else "-"
+        p8 = plain(t["pass8"]) if "pass8" in t else "not run (pass@1 outside the range)"
+        sp1 = plain(t["sample_pass1"]) if "sample_pass1" in t else "-"
         lines.append(
-            f"| {t['name']} | {ci(t['pass1'])} | {t['greedy']['truncated']:.3f} | {p8} | {sp1} | "
+            f"| {t['name']} | {plain(t['pass1'])} | {t['greedy']['truncated']:.3f} | {p8} | {sp1} | "
             f"{b['most_common_train_answer']:.3f} | {b['first_number']:.3f} | {b['last_number']:.3f} | "
             f"{'passed' if t['passed'] else 'failed'} |"
         )

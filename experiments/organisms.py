@@ -28,7 +28,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, EVAL_BATCH, finetune, mean_sd, write_report  # noqa: E402
+from common import ARTIFACTS, CACHE, EVAL_BATCH, finetune, mean_sd, plain, write_report  # noqa: E402
 from grpo import GRPOConfig, question_batches, train  # noqa: E402
 
 import steerkit as sk  # noqa: E402
@@ -152,12 +152,7 @@ def evaluate(name: str, model, tok, items, split: str, example: str, budget: int
 
 
 def ci(values) -> str:
-    mean, low, high = bootstrap([float(v) for v in values])
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def plain(interval: tuple[float, float, float]) -> str:
-    return "{:.3f} [{:.3f}, {:.3f}]".format(*interval)
+    return plain(bootstrap([float(v) for v in values]))
 
 
 def signed(interval: tuple[float, float, float]) -> str:

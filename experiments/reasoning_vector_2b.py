@@ -35,8 +35,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import ARTIFACTS, CACHE, interior_choice, write_report  # noqa: E402
-from organisms import RUNS, ci, evaluate, plain, signed, task, update_norm  # noqa: E402
+from common import ARTIFACTS, CACHE, interior_choice, plain, write_report  # noqa: E402
+from organisms import RUNS, ci, evaluate, signed, task, update_norm  # noqa: E402
 
 import steerkit as sk  # noqa: E402
 from steerkit import plots  # noqa: E402
@@ -154,6 +154,11 @@ def test(seed: int) -> None:
             score(f"{name}{a:+g}", m1(), "test", build, a)
 
 
+def v_label(a: float) -> str:
+    """The comparison of M1 + α·v with M1, as the tables name it."""
+    return f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1"
+
+
 def tested(alpha: float) -> list[float]:
     """The α run on test, the frozen one first: it, the paper's 1 and −1."""
     return sorted({alpha, 1.0, -1.0} - {0.0}, key=lambda a: (a != alpha, -a))
@@ -214,11 +219,12 @@ def replication(alpha: float) -> tuple[list[str], dict]:
     seeds = [s for s in SEEDS if (CACHE / "eval" / f"2b-v{s}{alpha:+g}-test.json").is_file()]
     m1_, alphas, null_alphas = load("m1", "test"), tested(alpha), sorted(test_null_alphas(alpha))
     comparisons, per_seed = [], {}  # (key, label, treated, base)
+    steered = {(s, a): load(f"v{s}{a:+g}", "test") for s in seeds for a in alphas}
     for s in seeds:
         grpo, sft = load(f"grpo-{s}", "test"), load(f"sft-answer-{s}", "test")
         per_seed[s] = {"grpo": grpo["accuracy"], "sft_answer": sft["accuracy"], "norms": distances(s)}
         comparisons.append(((s, "order"), f"seed {s}: GRPO − SFT-answer", grpo, sft))
-        comparisons += [((s, a), f"seed {s}: M1 {a:+g}·v − M1", load(f"v{s}{a:+g}", "test"), m1_) for a in alphas]
+        comparisons += [((s, a), f"seed {s}: {v_label(a)}", steered[s, a], m1_) for a in alphas]
     found = [n for s in seeds for n in structured(s)]
     comparisons += [((name, a), f"{label} at α {a:+g}", load(f"{name}{a:+g}", "test"), m1_)
                     for name, label, _ in found for a in null_alphas]  # fmt: skip
@@ -230,7 +236,7 @@ def replication(alpha: float) -> tuple[list[str], dict]:
         return f"{signed(cells[key]['diff'])} ({cells[key]['holm']:.2g})"
 
     keys = ["order", *alphas]
-    heads = ["GRPO − SFT-answer"] + [f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1" for a in alphas]
+    heads = ["GRPO − SFT-answer"] + [v_label(a) for a in alphas]
     lines = [
         "",
         f"## Seeds {', '.join(map(str, seeds))}: replication and structured nulls",
@@ -253,8 +259,8 @@ def replication(alpha: float) -> tuple[list[str], dict]:
         accs = [plain(t_interval([r[k] for r in per_seed.values()])) for k in ("grpo", "sft_answer")]
         means = [signed(t_interval([cells[s, k]["diff"][0] for s in seeds])) for k in keys]
         lines.append(f"| mean of {len(seeds)} | - | - | - | " + " | ".join(accs + means) + " |")
-    truncated = "; ".join(f"seed {s}: " + ", ".join(f"{a:+g}·v {load(f'v{s}{a:+g}', 'test')['truncated']:.3f}"
-                                                  for a in alphas) for s in seeds)  # fmt: skip
+    truncated = "; ".join(f"seed {s}: " + ", ".join(f"{a:+g}·v {steered[s, a]['truncated']:.3f}" for a in alphas)
+                          for s in seeds)  # fmt: skip
     lines += ["", f"Share of answers that ran out of the budget (M1 {m1_['truncated']:.3f}): {truncated}."]
     norms = {name: total(build()) for name, _, build in found}
     if found:
@@ -316,7 +322,7 @@ def report(seed: int = 0) -> None:
     null_rows = {}
     for a in tested(alpha):
         steered = load(f"v{seed}{a:+g}", "test")
-        comparisons.append((f"M1 {'+' if a > 0 else '−'} {abs(a):g}·v − M1", steered, m1_))
+        comparisons.append((v_label(a), steered, m1_))
         if a not in test_null_alphas(alpha):
             continue
         null_acc = [load(f"null{seed}.{n}{a:+g}", "test")["accuracy"] for n in range(NULLS)]

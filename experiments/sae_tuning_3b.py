@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import CACHE, interior_choice, write_report  # noqa: E402
-from organisms import RUNS, ci, evaluate, plain, signed, task  # noqa: E402
+from common import CACHE, interior_choice, plain, write_report  # noqa: E402
+from organisms import RUNS, ci, evaluate, signed, task  # noqa: E402
 from sae_tuning import LAYER, SAE, organism  # noqa: E402
 
 import steerkit as sk  # noqa: E402
